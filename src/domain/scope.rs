@@ -1,0 +1,137 @@
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Most scopes one token request may name. Trackunit's scopes number in the tens; a thousand is an attack.
+pub const MAX_SCOPES: usize = 64;
+const MAX_SCOPE_CHARS: usize = 256;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScopeError {
+    #[error("a scope must not be empty")]
+    Empty,
+    #[error("a scope must be at most {MAX_SCOPE_CHARS} characters")]
+    TooLong,
+    #[error(
+        "a scope may only hold printable ASCII other than space, '\"' and '\\' (RFC 6749 section 3.3)"
+    )]
+    InvalidCharacter,
+    #[error("at least one scope is required")]
+    NoScopes,
+    #[error("at most {MAX_SCOPES} scopes may be requested")]
+    TooMany,
+}
+
+/// One OAuth2 scope-token (RFC 6749 §3.3): `1*( %x21 / %x23-5B / %x5D-7E )`. A scope holding a space,
+/// comma-free or not, would silently become two scopes in the space-joined form upstream, so it is refused.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(String);
+
+impl Scope {
+    pub fn parse(value: &str) -> Result<Self, ScopeError> {
+        if value.is_empty() {
+            return Err(ScopeError::Empty);
+        }
+        if value.len() > MAX_SCOPE_CHARS {
+            return Err(ScopeError::TooLong);
+        }
+        let allowed = |b: u8| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b);
+        if !value.bytes().all(allowed) {
+            return Err(ScopeError::InvalidCharacter);
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A non-empty, sorted, de-duplicated set of scopes. Its [`key`](Self::key) is the same for every order
+/// and repetition of the same scopes, so `["b","a","a"]` and `["a","b"]` share one cached token.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScopeSet(BTreeSet<Scope>);
+
+impl ScopeSet {
+    pub fn parse<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Self, ScopeError> {
+        let mut set = BTreeSet::new();
+        for (count, value) in values.into_iter().enumerate() {
+            if count >= MAX_SCOPES {
+                return Err(ScopeError::TooMany);
+            }
+            set.insert(Scope::parse(value)?);
+        }
+        if set.is_empty() {
+            return Err(ScopeError::NoScopes);
+        }
+        Ok(Self(set))
+    }
+
+    /// The scopes space-joined in sorted order: the `scope` form parameter and the cache key.
+    pub fn key(&self) -> String {
+        let parts: Vec<&str> = self.0.iter().map(Scope::as_str).collect();
+        parts.join(" ")
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Scope> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for ScopeSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn key_is_sorted_and_deduplicated() {
+        let set = ScopeSet::parse(["b", "a", "b"]).unwrap();
+        assert_eq!(set.key(), "a b");
+    }
+
+    #[test]
+    fn refuses_separators_inside_one_scope() {
+        for bad in ["a b", "a\nb", "a\tb", "a\"b", "a\\b", "é"] {
+            assert_eq!(
+                Scope::parse(bad),
+                Err(ScopeError::InvalidCharacter),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            Scope::parse("a,b").is_ok(),
+            "a comma is a legal scope character"
+        );
+    }
+
+    #[test]
+    fn refuses_empty_and_oversized_sets() {
+        assert_eq!(ScopeSet::parse([]), Err(ScopeError::NoScopes));
+        let many: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+        assert_eq!(
+            ScopeSet::parse(many.iter().map(String::as_str)),
+            Err(ScopeError::TooMany)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn key_never_depends_on_order(mut scopes in proptest::collection::vec("[a-z.]{1,8}", 1..10)) {
+            let forward = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap().key();
+            scopes.reverse();
+            let backward = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap().key();
+            prop_assert_eq!(forward, backward);
+        }
+    }
+}

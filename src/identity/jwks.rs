@@ -1,0 +1,463 @@
+//! The marketplace JWKS: fetched at start, cached, refreshed in the background (honouring
+//! `Cache-Control: max-age`), refetched when a token names an unknown `kid` (at most once per
+//! `jwks_min_refresh`), and kept when a refresh fails: a JWKS outage must not stop installs.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+use url::Url;
+
+use crate::outbound;
+use crate::settings::ASYMMETRIC_ALGORITHMS;
+
+/// Smallest RSA modulus accepted (RFC 8725 §3.5 defers to NIST SP 800-131A: at least 2048 bits).
+pub const MIN_RSA_BITS: usize = 2048;
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+const MAX_KEYS: usize = 64;
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
+const LONGEST_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Retry delay while no key set has ever loaded: short, because callbacks answer 503 until then.
+const RETRY_WHILE_EMPTY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyType {
+    Rsa,
+    EcP256,
+    EcP384,
+    Ed25519,
+}
+
+/// One usable verification key from the JWKS.
+pub struct VerificationKey {
+    pub(super) kid: Option<String>,
+    key_type: KeyType,
+    declared_alg: Option<Algorithm>,
+    pub(super) key: DecodingKey,
+}
+
+impl VerificationKey {
+    /// Whether `alg` may be verified with this key: the key's type decides (RFC 8725 §3.1), and a key that
+    /// declares an `alg` accepts only that one.
+    pub(super) fn accepts(&self, alg: Algorithm) -> bool {
+        let fits_type = match self.key_type {
+            KeyType::Rsa => matches!(
+                alg,
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512
+            ),
+            KeyType::EcP256 => alg == Algorithm::ES256,
+            KeyType::EcP384 => alg == Algorithm::ES384,
+            KeyType::Ed25519 => alg == Algorithm::EdDSA,
+        };
+        fits_type && self.declared_alg.is_none_or(|declared| declared == alg)
+    }
+}
+
+/// The usable keys of one JWKS document.
+pub struct KeySet {
+    keys: Vec<VerificationKey>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<_> = self.keys.iter().map(|k| (&k.kid, k.key_type)).collect();
+        f.debug_struct("KeySet").field("keys", &kids).finish()
+    }
+}
+
+/// Outcome of looking a token's `kid` up.
+pub(super) enum Lookup<'a> {
+    Found(&'a VerificationKey),
+    Unknown,
+    Ambiguous,
+}
+
+impl KeySet {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The key named `kid`; a token without `kid` may only use a set of exactly one key.
+    pub(super) fn find(&self, kid: Option<&str>) -> Lookup<'_> {
+        match kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .map_or(Lookup::Unknown, Lookup::Found),
+            None => match self.keys.as_slice() {
+                [only] => Lookup::Found(only),
+                [] => Lookup::Unknown,
+                _ => Lookup::Ambiguous,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("the JWKS request failed")]
+    Transport(#[source] reqwest::Error),
+    #[error("the JWKS endpoint answered HTTP {0}")]
+    Status(u16),
+    #[error(transparent)]
+    Body(#[from] outbound::BodyError),
+    #[error("the JWKS document is not valid: {0}")]
+    Invalid(String),
+    #[error("the JWKS holds no usable key")]
+    NoUsableKey,
+}
+
+/// Parses a JWKS document (RFC 7517 §5), keeping only keys we can use safely. Unusable keys (unknown `kty`,
+/// `use` other than `sig`, RSA under 2048 bits, curves we do not support) are skipped with a warning.
+pub fn parse_jwks(bytes: &[u8]) -> Result<KeySet, JwksError> {
+    let document =
+        crate::strict_json::from_slice(bytes).map_err(|e| JwksError::Invalid(e.to_string()))?;
+    let entries = document
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| JwksError::Invalid("no `keys` array".into()))?;
+    let mut keys: Vec<VerificationKey> = Vec::new();
+    for (index, entry) in entries.iter().take(MAX_KEYS).enumerate() {
+        match parse_key(entry) {
+            Ok(key) if key.kid.is_some() && keys.iter().any(|k| k.kid == key.kid) => {
+                tracing::warn!(jwks.key_index = index, "JWKS key skipped: duplicate kid");
+            }
+            Ok(key) => keys.push(key),
+            Err(reason) => tracing::warn!(jwks.key_index = index, reason, "JWKS key skipped"),
+        }
+    }
+    if keys.is_empty() {
+        return Err(JwksError::NoUsableKey);
+    }
+    Ok(KeySet { keys })
+}
+
+fn parse_key(entry: &Value) -> Result<VerificationKey, &'static str> {
+    let text = |name: &str| entry.get(name).and_then(Value::as_str);
+    if entry.get("use").is_some() && text("use") != Some("sig") {
+        return Err("`use` is not \"sig\"");
+    }
+    if let Some(ops) = entry.get("key_ops") {
+        let verifies = ops
+            .as_array()
+            .is_some_and(|ops| ops.iter().any(|op| op.as_str() == Some("verify")));
+        if !verifies {
+            return Err("`key_ops` does not include \"verify\"");
+        }
+    }
+    let declared_alg = match entry.get("alg") {
+        None => None,
+        Some(alg) => Some(
+            alg.as_str()
+                .and_then(|a| a.parse::<Algorithm>().ok())
+                .filter(|a| ASYMMETRIC_ALGORITHMS.contains(a))
+                .ok_or("`alg` is not an accepted asymmetric algorithm")?,
+        ),
+    };
+    let kid = match entry.get("kid") {
+        None => None,
+        Some(kid) => Some(kid.as_str().ok_or("`kid` is not a string")?.to_owned()),
+    };
+    let component = |name: &str| -> Result<Vec<u8>, &'static str> {
+        let value = text(name).ok_or("a key component is missing")?;
+        URL_SAFE_NO_PAD
+            .decode(value)
+            .map_err(|_| "a key component is not base64url")
+    };
+    let (key_type, key) = match (text("kty"), text("crv")) {
+        (Some("RSA"), _) => {
+            let modulus = component("n")?;
+            let exponent = component("e")?;
+            if rsa_bits(&modulus) < MIN_RSA_BITS {
+                return Err("RSA key under 2048 bits refused");
+            }
+            (
+                KeyType::Rsa,
+                DecodingKey::from_rsa_raw_components(&modulus, &exponent),
+            )
+        }
+        (Some("EC"), Some(curve @ ("P-256" | "P-384"))) => {
+            let (key_type, len) = if curve == "P-256" {
+                (KeyType::EcP256, 32)
+            } else {
+                (KeyType::EcP384, 48)
+            };
+            let (x, y) = (component("x")?, component("y")?);
+            if x.len() != len || y.len() != len {
+                return Err("EC coordinates have the wrong length for the curve");
+            }
+            let point = [&[0x04][..], &x, &y].concat();
+            (key_type, DecodingKey::from_ec_der(&point))
+        }
+        (Some("OKP"), Some("Ed25519")) => {
+            let x = component("x")?;
+            if x.len() != 32 {
+                return Err("Ed25519 key has the wrong length");
+            }
+            (KeyType::Ed25519, DecodingKey::from_ed_der(&x))
+        }
+        _ => return Err("unsupported kty or crv"),
+    };
+    let key = VerificationKey {
+        kid,
+        key_type,
+        declared_alg,
+        key,
+    };
+    if let Some(alg) = declared_alg
+        && !key.accepts(alg)
+    {
+        return Err("`alg` does not fit the key type");
+    }
+    Ok(key)
+}
+
+fn rsa_bits(modulus: &[u8]) -> usize {
+    let significant = match modulus.iter().position(|&b| b != 0) {
+        Some(start) => &modulus[start..],
+        None => return 0,
+    };
+    significant.len() * 8 - significant[0].leading_zeros() as usize
+}
+
+struct Loaded {
+    keys: Arc<KeySet>,
+}
+
+/// The cached key set and the means to refresh it.
+pub struct JwksCache {
+    url: Url,
+    http: reqwest::Client,
+    min_refresh: Duration,
+    current: RwLock<Option<Loaded>>,
+    /// When the last fetch started; held across a fetch so concurrent callers share it.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl JwksCache {
+    pub fn new(url: Url, min_refresh: Duration) -> Self {
+        Self {
+            url,
+            http: outbound::client(Duration::from_secs(10)),
+            min_refresh,
+            current: RwLock::new(None),
+            last_fetch: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<KeySet>> {
+        self.current
+            .read()
+            .expect("JWKS lock poisoned")
+            .as_ref()
+            .map(|l| Arc::clone(&l.keys))
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// The cached set, or, when none was ever loaded, one rate-limited fetch attempt.
+    pub async fn current_or_fetch(&self) -> Option<Arc<KeySet>> {
+        if let Some(keys) = self.current() {
+            return Some(keys);
+        }
+        self.refresh_if_stale().await;
+        self.current()
+    }
+
+    /// Fetches again unless a fetch started less than `min_refresh` ago. Returns whether the set changed.
+    pub async fn refresh_if_stale(&self) -> bool {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|at| at.elapsed() < self.min_refresh) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        self.fetch_and_store().await.is_ok()
+    }
+
+    /// Fetches now, whatever the rate limit; on success returns how long the answer may be cached.
+    pub async fn refresh(&self) -> Result<Duration, JwksError> {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        self.fetch_and_store().await
+    }
+
+    async fn fetch_and_store(&self) -> Result<Duration, JwksError> {
+        let result = self.fetch().await;
+        match &result {
+            Ok((keys, max_age)) => {
+                tracing::info!(
+                    jwks.keys = keys.len(),
+                    jwks.max_age_s = max_age.as_secs(),
+                    "JWKS loaded"
+                );
+                metrics::counter!("tokenvault_jwks_refresh_total", "result" => "ok").increment(1);
+                *self.current.write().expect("JWKS lock poisoned") = Some(Loaded {
+                    keys: Arc::clone(keys),
+                });
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, kept_previous = self.is_loaded(), "JWKS refresh failed");
+                metrics::counter!("tokenvault_jwks_refresh_total", "result" => "error")
+                    .increment(1);
+            }
+        }
+        result.map(|(_, max_age)| max_age)
+    }
+
+    async fn fetch(&self) -> Result<(Arc<KeySet>, Duration), JwksError> {
+        let response = self
+            .http
+            .get(self.url.clone())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(JwksError::Transport)?;
+        if !response.status().is_success() {
+            return Err(JwksError::Status(response.status().as_u16()));
+        }
+        let max_age = response
+            .headers()
+            .get(reqwest::header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(max_age)
+            .unwrap_or(DEFAULT_MAX_AGE);
+        let body = outbound::read_limited(response, MAX_JWKS_BYTES).await?;
+        Ok((Arc::new(parse_jwks(&body)?), max_age))
+    }
+
+    /// Keeps the set fresh until the process ends: after each success waits `max-age` (clamped between
+    /// `min_refresh` and a day), after a failure retries sooner.
+    pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let wait = match self.refresh().await {
+                    Ok(max_age) => {
+                        max_age.clamp(self.min_refresh, LONGEST_MAX_AGE.max(self.min_refresh))
+                    }
+                    Err(_) if !self.is_loaded() => {
+                        RETRY_WHILE_EMPTY.min(self.min_refresh.max(Duration::from_millis(200)))
+                    }
+                    Err(_) => self.min_refresh.max(Duration::from_secs(1)),
+                };
+                tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
+            }
+        })
+    }
+}
+
+/// `max-age` from a `Cache-Control` header value, if any.
+fn max_age(header: &str) -> Option<Duration> {
+    header
+        .split(',')
+        .find_map(|directive| {
+            let (name, value) = directive.trim().split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("max-age")
+                .then(|| value.trim().trim_matches('"').parse().ok())?
+        })
+        .map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Value {
+        let path = format!(
+            "{}/tests/fixtures/{name}.jwk.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn jwks(keys: &[Value]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "keys": keys })).unwrap()
+    }
+
+    #[test]
+    fn parses_rsa_ec_and_ed25519_keys() {
+        let set = parse_jwks(&jwks(&[
+            fixture("rsa-a"),
+            fixture("ec-p256"),
+            fixture("ed25519"),
+        ]))
+        .unwrap();
+        assert_eq!(set.len(), 3);
+        let Lookup::Found(ec) = set.find(Some("ec-p256")) else {
+            panic!("ec key not found")
+        };
+        assert!(
+            ec.accepts(Algorithm::ES256)
+                && !ec.accepts(Algorithm::ES384)
+                && !ec.accepts(Algorithm::RS256)
+        );
+    }
+
+    #[test]
+    fn refuses_weak_rsa_keys_and_non_signing_keys() {
+        assert!(matches!(
+            parse_jwks(&jwks(&[fixture("rsa-weak")])),
+            Err(JwksError::NoUsableKey)
+        ));
+        let mut enc = fixture("rsa-a");
+        enc["use"] = "enc".into();
+        assert!(matches!(
+            parse_jwks(&jwks(&[enc])),
+            Err(JwksError::NoUsableKey)
+        ));
+        let mut hmac = fixture("rsa-a");
+        hmac["alg"] = "HS256".into();
+        assert!(matches!(
+            parse_jwks(&jwks(&[hmac])),
+            Err(JwksError::NoUsableKey)
+        ));
+        let oct = serde_json::json!({"kty": "oct", "k": "c2VjcmV0", "kid": "x"});
+        assert!(matches!(
+            parse_jwks(&jwks(&[oct])),
+            Err(JwksError::NoUsableKey)
+        ));
+    }
+
+    #[test]
+    fn a_declared_alg_restricts_the_key() {
+        let mut rsa = fixture("rsa-a");
+        rsa["alg"] = "PS256".into();
+        let set = parse_jwks(&jwks(&[rsa])).unwrap();
+        let Lookup::Found(key) = set.find(None) else {
+            panic!()
+        };
+        assert!(key.accepts(Algorithm::PS256) && !key.accepts(Algorithm::RS256));
+    }
+
+    #[test]
+    fn a_token_without_kid_needs_a_single_key_set() {
+        let set = parse_jwks(&jwks(&[fixture("rsa-a"), fixture("rsa-b")])).unwrap();
+        assert!(matches!(set.find(None), Lookup::Ambiguous));
+        assert!(matches!(set.find(Some("nope")), Lookup::Unknown));
+    }
+
+    #[test]
+    fn reads_max_age() {
+        assert_eq!(
+            max_age("public, max-age=600"),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(max_age("no-cache"), None);
+        assert_eq!(max_age("max-age=abc"), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! tokenvault: receives Trackunit IrisX app installs, keeps each account's client credentials encrypted in
+//! PostgreSQL, and hands out per-account access tokens to internal services.
+//!
+//! Data flows one way: `routes` -> `broker` / `identity` / `store` -> `crypto` / `domain`.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod cli;
+pub mod crypto;
+pub mod domain;
+pub mod error;
+pub mod identity;
+pub mod outbound;
+pub mod routes;
+pub mod settings;
+pub mod startup;
+pub mod store;
+pub mod strict_json;
+pub mod telemetry;

@@ -1,0 +1,488 @@
+//! Typed settings, read once at start from environment variables, `NAME_FILE` files (container secrets)
+//! and an optional TOML file with the same names in lower case. Precedence: variable, then `_FILE`,
+//! then the TOML file, then the default. Keys are parsed here, so a bad key stops the process at start
+//! with a message that names the variable, never at the first request.
+//! Every setting is documented in README.md and `tokenvault.example.toml`; keep the three in step.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::crypto::KeyRing;
+
+/// Every asymmetric JWS algorithm (RFC 7518 §3.1, RFC 8037). `none` and HMAC are never accepted:
+/// HMAC with a public key as the secret is the classic key-confusion attack (RFC 8725 §2.1).
+pub const ASYMMETRIC_ALGORITHMS: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{0} is not set (set it, or {0}_FILE to a file holding it)")]
+    Missing(&'static str),
+    #[error("{name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error("cannot read {name}_FILE {path:?}: {source}")]
+    UnreadableFile {
+        name: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read config file {path:?}: {reason}")]
+    ConfigFile { path: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Where the callback's identity JWT is checked against, and how strictly.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub jwks_url: Url,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    /// Least time between two JWKS fetches, for unknown `kid`s and for `max-age` refreshes alike.
+    pub jwks_min_refresh: Duration,
+}
+
+/// The OAuth2 token endpoint and how patiently we call it.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub token_url: Url,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+}
+
+pub struct Settings {
+    pub database_url: SecretString,
+    pub database_max_connections: u32,
+    pub public_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+    pub encryption_keys: Arc<KeyRing>,
+    pub identity: IdentitySettings,
+    pub upstream: UpstreamSettings,
+    /// irisAppIds we accept installs for; `None` accepts any.
+    pub apps: Option<HashSet<String>>,
+    pub log_format: LogFormat,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &mask_url(self.database_url.expose_secret()))
+            .field("database_max_connections", &self.database_max_connections)
+            .field("public_addr", &self.public_addr)
+            .field("internal_addr", &self.internal_addr)
+            .field("encryption_keys", &self.encryption_keys)
+            .field("identity", &self.identity)
+            .field("upstream", &self.upstream)
+            .field("apps", &self.apps)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+/// A connection string with its password replaced, safe to log.
+pub fn mask_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("REDACTED"));
+            }
+            if url.query().is_some_and(|q| q.contains("password")) {
+                url.set_query(Some("REDACTED"));
+            }
+            url.to_string()
+        }
+        Err(_) => "[unparseable, hidden]".to_owned(),
+    }
+}
+
+/// Where settings come from; a function so tests can hand in a map instead of the process environment.
+pub struct Source {
+    lookup: Box<dyn Fn(&str) -> Option<String>>,
+    file: HashMap<String, String>,
+}
+
+impl Source {
+    /// The process environment, plus `config_file` when given.
+    pub fn environment(config_file: Option<&Path>) -> Result<Self, SettingsError> {
+        let file = match config_file {
+            Some(path) => read_config_file(path)?,
+            None => HashMap::new(),
+        };
+        Ok(Self {
+            lookup: Box::new(|name| std::env::var(name).ok()),
+            file,
+        })
+    }
+
+    /// Only the given pairs (tests).
+    pub fn from_pairs<const N: usize>(pairs: [(&str, &str); N]) -> Self {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self {
+            lookup: Box::new(move |name| map.get(name).cloned()),
+            file: HashMap::new(),
+        }
+    }
+
+    fn get(&self, name: &'static str) -> Result<Option<String>, SettingsError> {
+        if let Some(value) = (self.lookup)(name) {
+            return Ok(Some(value));
+        }
+        if let Some(path) = (self.lookup)(&format!("{name}_FILE")) {
+            let value = std::fs::read_to_string(&path)
+                .map_err(|source| SettingsError::UnreadableFile { name, path, source })?;
+            return Ok(Some(value.trim_end_matches(['\n', '\r']).to_owned()));
+        }
+        Ok(self.file.get(&name.to_ascii_lowercase()).cloned())
+    }
+
+    fn required(&self, name: &'static str) -> Result<String, SettingsError> {
+        self.get(name)?
+            .filter(|v| !v.trim().is_empty())
+            .ok_or(SettingsError::Missing(name))
+    }
+
+    fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, SettingsError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        match self.get(name)? {
+            None => Ok(default),
+            Some(raw) => raw
+                .trim()
+                .parse()
+                .map_err(|e: T::Err| invalid(name, e.to_string())),
+        }
+    }
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        name,
+        reason: reason.into(),
+    }
+}
+
+fn read_config_file(path: &Path) -> Result<HashMap<String, String>, SettingsError> {
+    let fail = |reason: String| SettingsError::ConfigFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
+    table
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(items) => items
+                    .iter()
+                    .map(|item| {
+                        item.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| item.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => return Err(fail(format!("{key}: unsupported value {other}"))),
+            };
+            Ok((key.to_ascii_lowercase(), text))
+        })
+        .collect()
+}
+
+/// A URL we send secrets to or trust keys from: https, or http only to this machine (tests, local fakes).
+fn endpoint_url(source: &Source, name: &'static str, default: &str) -> Result<Url, SettingsError> {
+    let raw = source.get(name)?.unwrap_or_else(|| default.to_owned());
+    let url = Url::parse(raw.trim()).map_err(|e| invalid(name, e.to_string()))?;
+    let loopback = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err(invalid(
+            name,
+            "must be an https URL (plain http is allowed only to localhost)",
+        )),
+    }
+}
+
+fn optional_text(source: &Source, name: &'static str) -> Result<Option<String>, SettingsError> {
+    Ok(source
+        .get(name)?
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty()))
+}
+
+fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
+    raw.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl Settings {
+    pub fn load(source: &Source) -> Result<Self, SettingsError> {
+        let database_url = SecretString::from(source.required("DATABASE_URL")?);
+        let keys_spec = SecretString::from(source.required("TOKENVAULT_ENCRYPTION_KEYS")?);
+        let encryption_keys = KeyRing::parse(keys_spec.expose_secret())
+            .map_err(|e| invalid("TOKENVAULT_ENCRYPTION_KEYS", e.to_string()))?;
+
+        let algorithms = match optional_text(source, "TOKENVAULT_TRACKUNIT_ALGORITHMS")? {
+            None => ASYMMETRIC_ALGORITHMS.to_vec(),
+            Some(raw) => comma_list(&raw)
+                .map(|name| {
+                    Algorithm::from_str(name)
+                        .ok()
+                        .filter(|alg| ASYMMETRIC_ALGORITHMS.contains(alg))
+                        .ok_or_else(|| {
+                            invalid(
+                                "TOKENVAULT_TRACKUNIT_ALGORITHMS",
+                                format!("{name:?} is not an accepted asymmetric JWS algorithm"),
+                            )
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        if algorithms.is_empty() {
+            return Err(invalid(
+                "TOKENVAULT_TRACKUNIT_ALGORITHMS",
+                "names no algorithm",
+            ));
+        }
+
+        let apps = optional_text(source, "TOKENVAULT_APPS")?
+            .map(|raw| comma_list(&raw).map(str::to_owned).collect::<HashSet<_>>())
+            .filter(|apps| !apps.is_empty());
+
+        let log_format = match source
+            .get("TOKENVAULT_LOG_FORMAT")?
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(invalid(
+                    "TOKENVAULT_LOG_FORMAT",
+                    format!("{other:?} is not json or pretty"),
+                ));
+            }
+        };
+
+        let max_attempts: u32 = source.parsed("TOKENVAULT_UPSTREAM_MAX_ATTEMPTS", 3)?;
+        if !(1..=10).contains(&max_attempts) {
+            return Err(invalid(
+                "TOKENVAULT_UPSTREAM_MAX_ATTEMPTS",
+                "must be between 1 and 10",
+            ));
+        }
+        let max_connections: u32 = source.parsed("TOKENVAULT_DATABASE_MAX_CONNECTIONS", 20)?;
+        if max_connections < 2 {
+            return Err(invalid(
+                "TOKENVAULT_DATABASE_MAX_CONNECTIONS",
+                "must be at least 2",
+            ));
+        }
+
+        Ok(Self {
+            database_url,
+            database_max_connections: max_connections,
+            public_addr: source.parsed(
+                "TOKENVAULT_PUBLIC_ADDR",
+                SocketAddr::from(([0, 0, 0, 0], 8080)),
+            )?,
+            internal_addr: source.parsed(
+                "TOKENVAULT_INTERNAL_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8081)),
+            )?,
+            encryption_keys: Arc::new(encryption_keys),
+            identity: IdentitySettings {
+                jwks_url: endpoint_url(
+                    source,
+                    "TOKENVAULT_TRACKUNIT_JWKS_URL",
+                    "https://iris.trackunit.com/api/marketplace/jwks",
+                )?,
+                issuer: optional_text(source, "TOKENVAULT_TRACKUNIT_ISSUER")?,
+                audience: optional_text(source, "TOKENVAULT_TRACKUNIT_AUDIENCE")?,
+                algorithms,
+                leeway: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", 60)?),
+                jwks_min_refresh: Duration::from_secs(
+                    source.parsed("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", 30)?,
+                ),
+            },
+            upstream: UpstreamSettings {
+                token_url: endpoint_url(
+                    source,
+                    "TOKENVAULT_TRACKUNIT_TOKEN_URL",
+                    "https://auth.trackunit.com/apptoken",
+                )?,
+                timeout: Duration::from_secs(
+                    source.parsed("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", 10)?,
+                ),
+                max_attempts,
+                backoff_base: Duration::from_millis(
+                    source.parsed("TOKENVAULT_UPSTREAM_BACKOFF_MS", 200)?,
+                ),
+            },
+            apps,
+            log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::generate_key;
+
+    fn keys() -> String {
+        format!("k1:{}", generate_key())
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_required_settings_are_given() {
+        let keys = keys();
+        let source = Source::from_pairs([
+            ("DATABASE_URL", "postgres://u:pw@db/x"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", &keys),
+        ]);
+        let settings = Settings::load(&source).unwrap();
+        assert_eq!(settings.public_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(settings.internal_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(
+            settings.identity.jwks_url.as_str(),
+            "https://iris.trackunit.com/api/marketplace/jwks"
+        );
+        assert_eq!(
+            settings.upstream.token_url.as_str(),
+            "https://auth.trackunit.com/apptoken"
+        );
+        assert_eq!(settings.identity.leeway, Duration::from_secs(60));
+        assert!(settings.apps.is_none());
+        assert_eq!(settings.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_setting_names_the_variable() {
+        let keys = keys();
+        let error = Settings::load(&Source::from_pairs([(
+            "TOKENVAULT_ENCRYPTION_KEYS",
+            keys.as_str(),
+        )]))
+        .unwrap_err();
+        assert!(
+            error.to_string().starts_with("DATABASE_URL is not set"),
+            "{error}"
+        );
+        let error = Settings::load(&Source::from_pairs([
+            ("DATABASE_URL", "postgres://x"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", "k1:short"),
+        ]))
+        .unwrap_err();
+        assert!(
+            error.to_string().starts_with("TOKENVAULT_ENCRYPTION_KEYS:"),
+            "{error}"
+        );
+        let error = Settings::load(&Source::from_pairs([
+            ("DATABASE_URL", "postgres://x"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str()),
+            ("TOKENVAULT_PUBLIC_ADDR", "nope"),
+        ]))
+        .unwrap_err();
+        assert!(
+            error.to_string().starts_with("TOKENVAULT_PUBLIC_ADDR:"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn hmac_and_plain_http_to_remote_hosts_are_refused() {
+        let keys = keys();
+        let base = |name, value| {
+            Settings::load(&Source::from_pairs([
+                ("DATABASE_URL", "postgres://x"),
+                ("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str()),
+                (name, value),
+            ]))
+        };
+        assert!(base("TOKENVAULT_TRACKUNIT_ALGORITHMS", "HS256").is_err());
+        assert!(base("TOKENVAULT_TRACKUNIT_ALGORITHMS", "none").is_err());
+        assert!(
+            base(
+                "TOKENVAULT_TRACKUNIT_TOKEN_URL",
+                "http://auth.example.com/token"
+            )
+            .is_err()
+        );
+        assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://127.0.0.1:9/token").is_ok());
+    }
+
+    #[test]
+    fn debug_masks_the_database_password_and_the_keys() {
+        let keys = keys();
+        let source = Source::from_pairs([
+            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", &keys),
+        ]);
+        let debug = format!("{:?}", Settings::load(&source).unwrap());
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains(&keys[3..15]), "{debug}");
+    }
+
+    #[test]
+    fn file_variants_and_the_config_file_are_read() {
+        let dir = std::env::temp_dir().join(format!("tv-settings-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join("keys");
+        std::fs::write(&key_file, format!("{}\n", keys())).unwrap();
+        let config = dir.join("tokenvault.toml");
+        std::fs::write(
+            &config,
+            "database_url = \"postgres://from-file/x\"\ntokenvault_apps = [\"@a/b\", \"@c/d\"]\n",
+        )
+        .unwrap();
+        let mut source = Source::environment(Some(&config)).unwrap();
+        let key_path = key_file.display().to_string();
+        source.lookup = Box::new(move |name| {
+            (name == "TOKENVAULT_ENCRYPTION_KEYS_FILE").then(|| key_path.clone())
+        });
+        let settings = Settings::load(&source).unwrap();
+        assert_eq!(
+            settings.database_url.expose_secret(),
+            "postgres://from-file/x"
+        );
+        assert_eq!(settings.apps.unwrap().len(), 2);
+        assert_eq!(settings.encryption_keys.primary_id().as_str(), "k1");
+    }
+}
