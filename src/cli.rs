@@ -1,1 +1,230 @@
-//! placeholder
+//! The command line: `serve`, `migrate`, `keys`, `clients`, `installations`.
+//! Exit codes: 0 ok, 2 usage error (clap), 1 any other failure with a one-line message naming the cause.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::crypto::generate_key;
+use crate::domain::{Scope, ServiceKey, TextField};
+use crate::settings::{Settings, Source};
+use crate::startup::Application;
+use crate::store::{self, api_client, installation};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tokenvault",
+    version,
+    about = "Keeps Trackunit app credentials encrypted and hands out per-account access tokens."
+)]
+#[command(
+    long_about = "Keeps Trackunit app credentials encrypted and hands out per-account access tokens.\n\n\
+Settings come from environment variables (DATABASE_URL, TOKENVAULT_ENCRYPTION_KEYS, ...; see README.md),\n\
+their NAME_FILE variants, or --config FILE (TOML, the same names in lower case)."
+)]
+pub struct Cli {
+    /// TOML file with settings (the environment variable names in lower case); variables take precedence.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the public and internal listeners until SIGINT/SIGTERM, then shut down gracefully.
+    Serve,
+    /// Apply the database migrations embedded in this binary (the files in migrations/).
+    Migrate,
+    /// Encryption keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Service keys for internal callers of the token API.
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+    /// Installed Trackunit accounts.
+    #[command(subcommand)]
+    Installations(InstallationsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a new random key as `<id>:<base64 of 32 bytes>`, for TOKENVAULT_ENCRYPTION_KEYS.
+    Generate {
+        /// The key id to print (1 to 32 characters of A-Z, a-z, 0-9, '_' or '-'); defaults to a date-based id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Create a client and print its service key once, alone on the last line. Only its SHA-256 is stored.
+    Create {
+        /// A unique name for the calling service.
+        #[arg(long)]
+        name: String,
+        /// An account id the client may get tokens for, or '*' for all. Repeat for several.
+        #[arg(long = "account", value_name = "ID|*")]
+        accounts: Vec<String>,
+        /// A scope the client may ask for, or '*' for all. Repeat for several.
+        #[arg(long = "scope", value_name = "SCOPE|*")]
+        scopes: Vec<String>,
+        /// Allow the admin API (list and revoke installations).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List clients (never prints keys).
+    List,
+    /// Revoke the client named NAME: its key stops working at once.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstallationsCommand {
+    /// List installations: app, account, status, timestamps. Never a secret or a client id.
+    List,
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Keys(KeysCommand::Generate { id }) = &cli.command {
+        return generate(id.as_deref());
+    }
+    let settings = Settings::load(&Source::environment(cli.config.as_deref())?)?;
+    telemetry::init(settings.log_format);
+    match cli.command {
+        Command::Serve => {
+            Application::build(settings)
+                .await?
+                .run_until_stopped()
+                .await
+        }
+        Command::Migrate => {
+            let pool = store::pool(&settings.database_url, 2)?;
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Clients(command) => clients(command, &settings).await,
+        Command::Installations(InstallationsCommand::List) => list_installations(&settings).await,
+        Command::Keys(_) => unreachable!("handled above"),
+    }
+}
+
+fn generate(id: Option<&str>) -> anyhow::Result<()> {
+    let id = id.map_or_else(
+        || format!("k{}", chrono::Utc::now().format("%Y%m%d")),
+        str::to_owned,
+    );
+    let line = format!("{id}:{}", generate_key());
+    // Parse what we print, so an invalid --id fails here rather than at the next start.
+    crate::crypto::KeyRing::parse(&line).context("--id")?;
+    println!("{line}");
+    Ok(())
+}
+
+fn grants(
+    values: Vec<String>,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<String>> {
+    for value in &values {
+        anyhow::ensure!(
+            value == api_client::WILDCARD || check(value),
+            "{what} {value:?} is not valid"
+        );
+    }
+    Ok(values)
+}
+
+async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    match command {
+        ClientsCommand::Create {
+            name,
+            accounts,
+            scopes,
+            admin,
+        } => {
+            TextField::parse(name.as_str()).map_err(|e| anyhow::anyhow!("--name {e}"))?;
+            let accounts = grants(accounts, "--account", |a| TextField::parse(a).is_ok())?;
+            let scopes = grants(scopes, "--scope", |s| Scope::parse(s).is_ok())?;
+            let key = ServiceKey::generate();
+            let client =
+                api_client::create(&pool, &name, &key.sha256(), &accounts, &scopes, admin).await?;
+            println!(
+                "created client {} (accounts: {}; scopes: {}; admin: {}). Its key is shown once, below:",
+                client.name,
+                display_list(&client.accounts),
+                display_list(&client.scopes),
+                client.admin
+            );
+            println!("{}", key.expose());
+        }
+        ClientsCommand::List => {
+            println!(
+                "{:<24} {:<8} {:<6} {:<26} {:<30} SCOPES",
+                "NAME", "STATUS", "ADMIN", "CREATED", "ACCOUNTS"
+            );
+            for client in api_client::list(&pool).await? {
+                println!(
+                    "{:<24} {:<8} {:<6} {:<26} {:<30} {}",
+                    client.name,
+                    if client.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    client.admin,
+                    client
+                        .created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    display_list(&client.accounts),
+                    display_list(&client.scopes)
+                );
+            }
+        }
+        ClientsCommand::Revoke { name } => {
+            anyhow::ensure!(
+                api_client::revoke(&pool, &name).await?,
+                "no active client named {name:?}"
+            );
+            println!("revoked client {name}");
+        }
+    }
+    Ok(())
+}
+
+fn display_list(values: &[String]) -> String {
+    if values.is_empty() {
+        "(none)".into()
+    } else {
+        values.join(",")
+    }
+}
+
+async fn list_installations(settings: &Settings) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    println!(
+        "{:<36} {:<24} {:<36} {:<11} {:<20} UPDATED",
+        "ID", "APP", "ACCOUNT", "STATUS", "CREATED"
+    );
+    for row in installation::list(&pool).await? {
+        println!(
+            "{:<36} {:<24} {:<36} {:<11} {:<20} {}",
+            row.id,
+            row.app_id,
+            row.account_id,
+            row.status,
+            row.created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            row.updated_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        );
+    }
+    Ok(())
+}

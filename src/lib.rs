@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod identity;
+pub mod installs;
 pub mod outbound;
 pub mod routes;
 pub mod settings;

@@ -122,8 +122,11 @@ pub fn mask_url(raw: &str) -> String {
 }
 
 /// Where settings come from; a function so tests can hand in a map instead of the process environment.
+/// Reads one variable by name.
+type Lookup = Box<dyn Fn(&str) -> Option<String>>;
+
 pub struct Source {
-    lookup: Box<dyn Fn(&str) -> Option<String>>,
+    lookup: Lookup,
     file: HashMap<String, String>,
 }
 

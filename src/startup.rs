@@ -1,1 +1,171 @@
-//! placeholder
+//! Builds the shared state and the two HTTP servers: the public one (callback, health) and the internal
+//! one (token and admin API, health, metrics). Both stop gracefully on SIGINT/SIGTERM: in-flight
+//! requests finish first.
+
+use std::net::TcpListener;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+use tracing_actix_web::TracingLogger;
+
+use crate::broker::{Broker, ProviderProfile, TokenEndpoint};
+use crate::identity::{IdentityVerifier, JwksCache};
+use crate::routes::{self, AppState};
+use crate::settings::Settings;
+use crate::store;
+
+/// How long a client may take to send its request headers (slow-loris defence).
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long in-flight requests get to finish after a stop signal.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+
+pub struct Application {
+    public_port: u16,
+    internal_port: u16,
+    public: Server,
+    internal: Server,
+    pool: PgPool,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (a test harness); metrics then go there.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Refuses to start when a stored ciphertext names a key id the key ring lacks: better than failing at
+/// the first request for that account.
+async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
+    let stored: Vec<String> = sqlx::query_scalar(
+        "select key_id from installation where key_id is not null
+         union select key_id from token_cache",
+    )
+    .fetch_all(pool)
+    .await
+    .context("cannot read the key ids in use (is the database reachable and migrated?)")?;
+    let missing: Vec<&str> = stored
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !settings.encryption_keys.contains(id))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "TOKENVAULT_ENCRYPTION_KEYS lacks key id(s) {} that stored credentials are sealed with",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+impl Application {
+    /// Binds both listeners (port 0 picks a free one), loads the JWKS once, and builds the servers.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = store::pool(&settings.database_url, settings.database_max_connections)?;
+        check_key_ids(&pool, &settings).await?;
+
+        let jwks = Arc::new(JwksCache::new(
+            settings.identity.jwks_url.clone(),
+            settings.identity.jwks_min_refresh,
+        ));
+        if let Err(error) = jwks.refresh().await {
+            tracing::warn!(error = %error, "JWKS not loaded at start; callbacks answer 503 until it is");
+        }
+        let background = vec![Arc::clone(&jwks).spawn_refresher()];
+
+        let state = web::Data::new(AppState {
+            pool: pool.clone(),
+            keys: Arc::clone(&settings.encryption_keys),
+            identity: IdentityVerifier::new(&settings.identity, jwks),
+            broker: Broker::new(
+                pool.clone(),
+                Arc::clone(&settings.encryption_keys),
+                TokenEndpoint::new(&settings.upstream, ProviderProfile::trackunit()),
+            ),
+            apps: settings.apps.clone(),
+            metrics: metrics_handle(),
+        });
+
+        let public_listener = TcpListener::bind(settings.public_addr).with_context(|| {
+            format!(
+                "cannot listen on TOKENVAULT_PUBLIC_ADDR {}",
+                settings.public_addr
+            )
+        })?;
+        let internal_listener = TcpListener::bind(settings.internal_addr).with_context(|| {
+            format!(
+                "cannot listen on TOKENVAULT_INTERNAL_ADDR {}",
+                settings.internal_addr
+            )
+        })?;
+        let public_port = public_listener.local_addr()?.port();
+        let internal_port = internal_listener.local_addr()?.port();
+
+        let public_state = state.clone();
+        let public = HttpServer::new(move || {
+            App::new()
+                .wrap(TracingLogger::default())
+                .app_data(public_state.clone())
+                .configure(routes::public)
+        })
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+        .listen(public_listener)?
+        .run();
+        let internal = HttpServer::new(move || {
+            App::new()
+                .wrap(TracingLogger::default())
+                .app_data(state.clone())
+                .configure(routes::internal)
+        })
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+        .listen(internal_listener)?
+        .run();
+
+        tracing::info!(
+            public.port = public_port,
+            internal.port = internal_port,
+            "tokenvault listening"
+        );
+        Ok(Self {
+            public_port,
+            internal_port,
+            public,
+            internal,
+            pool,
+            background,
+        })
+    }
+
+    pub fn public_port(&self) -> u16 {
+        self.public_port
+    }
+
+    pub fn internal_port(&self) -> u16 {
+        self.internal_port
+    }
+
+    /// Serves until a stop signal reaches both servers (actix-web handles SIGINT/SIGTERM).
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let result = tokio::try_join!(self.public, self.internal);
+        for task in self.background {
+            task.abort();
+        }
+        self.pool.close().await;
+        result.map(drop).context("an HTTP server failed")
+    }
+}

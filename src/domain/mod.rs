@@ -3,7 +3,7 @@
 
 mod field;
 mod scope;
-mod service_key;
+pub mod service_key;
 
 pub use field::{FieldError, TextField};
 pub use scope::{Scope, ScopeError, ScopeSet};

@@ -1,0 +1,214 @@
+//! `POST /callbacks/trackunit`: verify first, parse after. The order of checks is part of the contract:
+//! 415 content type, 413 size, 401/503 identity, 400 body, 401 claim/body mismatch, 403 app, then store.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+
+use super::{AppState, body};
+use crate::domain::TextField;
+use crate::error::ApiError;
+use crate::identity::VerifyError;
+use crate::installs::{self, CallbackMessage, Outcome};
+
+/// Largest callback body accepted. A real one is a few hundred bytes.
+pub const MAX_CALLBACK_BYTES: usize = 64 * 1024;
+const IDENTITY_HEADER: &str = "Trackunit-Identity";
+/// How long Trackunit should wait when our signing keys are not loaded yet.
+const KEYS_RETRY_AFTER_SECS: u64 = 5;
+
+#[tracing::instrument(skip_all, fields(callback.type, app.id, account.id, callback.outcome))]
+pub async fn trackunit(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let result = handle(&request, payload, &state).await;
+    let label = match &result {
+        Ok(outcome) => outcome_label(*outcome),
+        Err(error) => error.code(),
+    };
+    tracing::Span::current().record("callback.outcome", label);
+    metrics::counter!("tokenvault_callbacks_total", "outcome" => label).increment(1);
+    match &result {
+        Ok(_) => tracing::info!("callback handled"),
+        Err(ApiError::Internal(_)) => {}
+        Err(error) => tracing::warn!(error = %error, "callback refused"),
+    }
+    let outcome = result?;
+    let status = if outcome == Outcome::Ignored {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::NO_CONTENT
+    };
+    Ok(HttpResponse::build(status).finish())
+}
+
+fn outcome_label(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Stored(_) => "stored",
+        Outcome::Unchanged(_) => "unchanged",
+        Outcome::Stale => "stale",
+        Outcome::Uninstalled(_) => "uninstalled",
+        Outcome::UnknownInstallation => "unknown_installation",
+        Outcome::Ignored => "ignored",
+    }
+}
+
+async fn handle(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<Outcome, ApiError> {
+    body::require_json(request)?;
+    let raw = body::read(request, payload, MAX_CALLBACK_BYTES).await?;
+
+    let header = request
+        .headers()
+        .get(IDENTITY_HEADER)
+        .ok_or(ApiError::MissingIdentity)?;
+    let header = header.to_str().map_err(|_| {
+        ApiError::InvalidIdentity(crate::identity::IdentityError::Malformed(
+            "the header is not ASCII",
+        ))
+    })?;
+    if header.trim().is_empty() {
+        return Err(ApiError::MissingIdentity);
+    }
+    let identity = state
+        .identity
+        .verify(header)
+        .await
+        .map_err(|error| match error {
+            VerifyError::Invalid(error) => ApiError::InvalidIdentity(error),
+            VerifyError::KeysUnavailable => ApiError::IdentityKeysUnavailable {
+                retry_after_secs: KEYS_RETRY_AFTER_SECS,
+            },
+        })?;
+
+    let message = parse(&raw)?;
+    drop(raw);
+    let span = tracing::Span::current();
+    let (app_id, account_id) = match &message {
+        CallbackMessage::Installed {
+            app_id, account_id, ..
+        }
+        | CallbackMessage::Uninstalled { app_id, account_id } => {
+            span.record("app.id", app_id.as_str())
+                .record("account.id", account_id.as_str());
+            (Some(app_id.as_str()), Some(account_id.as_str()))
+        }
+        CallbackMessage::Other { message_type } => {
+            span.record("callback.type", message_type.as_str());
+            (None, None)
+        }
+    };
+    if app_id.is_some() {
+        identity
+            .check_subject(app_id, account_id)
+            .map_err(ApiError::InvalidIdentity)?;
+    }
+    if let (Some(allowed), Some(app_id)) = (&state.apps, app_id)
+        && !allowed.contains(app_id)
+    {
+        return Err(ApiError::AppNotAllowed);
+    }
+
+    let outcome = installs::apply(&state.pool, &state.keys, &message, identity.issued_at).await?;
+    if let Some(id) = outcome.changed_installation() {
+        state.broker.forget(id);
+    }
+    Ok(outcome)
+}
+
+/// Parses a callback body: a JSON object (no duplicate keys) whose `type` selects the fields required.
+fn parse(raw: &[u8]) -> Result<CallbackMessage, ApiError> {
+    let bad = |detail: String| ApiError::InvalidRequest(detail);
+    let value = crate::strict_json::from_slice(raw)
+        .map_err(|e| bad(format!("the body is not valid JSON: {}", json_reason(&e))))?;
+    let Value::Object(object) = value else {
+        return Err(bad("the body must be a JSON object".into()));
+    };
+    let field = |name: &'static str| text_field(&object, name);
+    let message_type = field("type")?;
+    Ok(match message_type.as_str() {
+        "INSTALLED" => CallbackMessage::Installed {
+            app_id: field("irisAppId")?,
+            account_id: field("accountId")?,
+            client_id: SecretString::from(field("clientId")?.as_str().to_owned()),
+            client_secret: SecretString::from(field("clientSecret")?.as_str().to_owned()),
+        },
+        "UNINSTALLED" => CallbackMessage::Uninstalled {
+            app_id: field("irisAppId")?,
+            account_id: field("accountId")?,
+        },
+        _ => CallbackMessage::Other {
+            message_type: message_type.as_str().to_owned(),
+        },
+    })
+}
+
+/// serde_json's error category and position only: its message may quote input, which may be a secret.
+fn json_reason(error: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        error.classify(),
+        error.line(),
+        error.column()
+    )
+}
+
+fn text_field(object: &Map<String, Value>, name: &'static str) -> Result<TextField, ApiError> {
+    let value = object
+        .get(name)
+        .ok_or_else(|| ApiError::InvalidRequest(format!("`{name}` is missing")))?;
+    let Value::String(text) = value else {
+        return Err(ApiError::InvalidRequest(format!(
+            "`{name}` must be a string"
+        )));
+    };
+    TextField::parse(text.as_str()).map_err(|e| ApiError::InvalidRequest(format!("`{name}` {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_installed_and_ignores_extra_fields() {
+        let body = br#"{"type":"INSTALLED","irisAppId":"@o/a","accountId":"acc","clientId":"id","clientSecret":"s","extra":1}"#;
+        assert!(matches!(parse(body), Ok(CallbackMessage::Installed { .. })));
+    }
+
+    #[test]
+    fn refuses_wrong_types_missing_fields_and_duplicates() {
+        for body in [
+            &br#"{"type":"INSTALLED","irisAppId":"@o/a","accountId":7,"clientId":"id","clientSecret":"s"}"#[..],
+            br#"{"type":"INSTALLED","irisAppId":"@o/a","accountId":"acc","clientId":"id"}"#,
+            br#"{"type":"INSTALLED","type":"OTHER"}"#,
+            br#"{"type":"INSTALLED","irisAppId":"@o/a","accountId":"a\u0000b","clientId":"id","clientSecret":"s"}"#,
+            br#"[]"#,
+            b"\xff\xfe",
+        ] {
+            assert!(matches!(parse(body), Err(ApiError::InvalidRequest(_))), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn error_details_never_quote_the_body() {
+        let body = br#"{"type":"INSTALLED","clientSecret":"s3cret-value" oops}"#;
+        let Err(ApiError::InvalidRequest(detail)) = parse(body) else {
+            panic!("expected a 400")
+        };
+        assert!(!detail.contains("s3cret"), "{detail}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+    }
+}

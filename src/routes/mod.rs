@@ -1,0 +1,74 @@
+//! HTTP handlers, one file per resource. Handlers parse and authorise, then call `installs`, `broker`,
+//! `identity` or `store`; they hold no SQL and no cryptography.
+
+mod auth;
+mod body;
+mod callbacks;
+mod health;
+mod installations;
+mod tokens;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, web};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+use crate::broker::Broker;
+use crate::crypto::KeyRing;
+use crate::error::ApiError;
+use crate::identity::IdentityVerifier;
+
+/// Everything a handler may use.
+pub struct AppState {
+    pub pool: PgPool,
+    pub keys: Arc<KeyRing>,
+    pub identity: IdentityVerifier,
+    pub broker: Broker,
+    pub apps: Option<HashSet<String>>,
+    pub metrics: PrometheusHandle,
+}
+
+/// The internet-facing listener: the callback and health only.
+pub fn public(config: &mut web::ServiceConfig) {
+    config
+        .service(
+            web::resource("/callbacks/trackunit")
+                .route(web::post().to(callbacks::trackunit))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .configure(health::routes)
+        .default_service(web::to(not_found));
+}
+
+/// The private listener: tokens, admin, health and metrics.
+pub fn internal(config: &mut web::ServiceConfig) {
+    config
+        .service(
+            web::resource("/v1/tokens")
+                .route(web::post().to(tokens::issue))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/installations")
+                .route(web::get().to(installations::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/installations/{id}")
+                .route(web::delete().to(installations::revoke))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(web::resource("/metrics").route(web::get().to(health::metrics)))
+        .configure(health::routes)
+        .default_service(web::to(not_found));
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}

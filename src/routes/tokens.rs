@@ -1,0 +1,224 @@
+//! `POST /v1/tokens`: hands an access token for an account to an internal service allowed to have it.
+//! Checks, in this order: 401 key, 400 body, 403 grant, 404 installation, 409 ambiguity, then upstream.
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use super::{AppState, auth, body};
+use crate::broker::{BrokerError, UpstreamError};
+use crate::domain::{ScopeSet, TextField};
+use crate::error::ApiError;
+
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const DEFAULT_MIN_TTL_SECS: u64 = 60;
+/// A day: longer than any access token lives, so anything above is a mistake.
+const LONGEST_MIN_TTL_SECS: u64 = 86_400;
+
+/// A checked token request.
+struct TokenRequest {
+    account_id: TextField,
+    app_id: Option<TextField>,
+    scopes: ScopeSet,
+    min_ttl: Duration,
+}
+
+#[tracing::instrument(skip_all, fields(client.name, account.id, installation.id))]
+pub async fn issue(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let result = handle(&request, payload, &state).await;
+    metrics::counter!("tokenvault_token_requests_total", "outcome" => result.as_ref().map_or_else(|e| e.code(), |_| "ok"))
+        .increment(1);
+    result
+}
+
+async fn handle(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let client = auth::authenticate(request, state).await?;
+    let span = tracing::Span::current();
+    span.record("client.name", client.name.as_str());
+    body::require_json(request)?;
+    let raw = body::read(request, payload, MAX_REQUEST_BYTES).await?;
+    let wanted = parse(&raw)?;
+    span.record("account.id", wanted.account_id.as_str());
+
+    if !client.may_access_account(wanted.account_id.as_str()) {
+        return Err(ApiError::Forbidden(
+            "this key is not granted this account".into(),
+        ));
+    }
+    if let Some(scope) = wanted
+        .scopes
+        .iter()
+        .find(|s| !client.may_request_scope(s.as_str()))
+    {
+        return Err(ApiError::Forbidden(format!(
+            "this key is not granted the scope {:?}",
+            scope.as_str()
+        )));
+    }
+
+    let broker = &state.broker;
+    let installation = broker
+        .resolve(
+            wanted.account_id.as_str(),
+            wanted.app_id.as_ref().map(TextField::as_str),
+        )
+        .await
+        .map_err(broker_error)?;
+    span.record("installation.id", tracing::field::display(installation.id));
+    let token = broker
+        .token(&installation, &wanted.scopes, wanted.min_ttl)
+        .await
+        .map_err(broker_error)?;
+
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({
+        "access_token": token.access_token.expose_secret(),
+        "token_type": token.token_type,
+        "expires_in": token.seconds_left(now),
+        "expires_at": token.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "scope": token.scope,
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::PRAGMA, "no-cache"))
+        .json(body))
+}
+
+fn broker_error(error: BrokerError) -> ApiError {
+    match error {
+        BrokerError::NotInstalled => ApiError::NotInstalled,
+        BrokerError::AmbiguousApp => ApiError::AmbiguousApp,
+        BrokerError::PreviouslyRejected | BrokerError::Upstream(UpstreamError::InvalidClient) => {
+            ApiError::UpstreamRejected("the client credentials are invalid (invalid_client)".into())
+        }
+        BrokerError::CredentialsUnreadable(_) => ApiError::CredentialsUnreadable,
+        BrokerError::Upstream(UpstreamError::InvalidScope) => ApiError::InvalidScope,
+        BrokerError::Upstream(UpstreamError::Rejected { status, error }) => {
+            ApiError::UpstreamRejected(format!("HTTP {status}, {error}"))
+        }
+        BrokerError::Upstream(UpstreamError::Failed { attempts, reason }) => {
+            tracing::warn!(attempts, reason, "upstream failed");
+            ApiError::UpstreamError(attempts)
+        }
+        BrokerError::Upstream(UpstreamError::Unavailable {
+            retry_after,
+            reason,
+        }) => {
+            tracing::warn!(reason, "upstream unavailable");
+            ApiError::UpstreamUnavailable {
+                retry_after_secs: retry_after.as_secs().max(1),
+            }
+        }
+        BrokerError::Database(error) => ApiError::from_database(error),
+    }
+}
+
+fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
+    let bad = |detail: String| ApiError::InvalidRequest(detail);
+    let value = crate::strict_json::from_slice(raw)
+        .map_err(|_| bad("the body is not valid JSON (or repeats a key)".into()))?;
+    let Value::Object(object) = value else {
+        return Err(bad("the body must be a JSON object".into()));
+    };
+    let text = |name: &str, value: &Value| -> Result<TextField, ApiError> {
+        let text = value
+            .as_str()
+            .ok_or_else(|| bad(format!("`{name}` must be a string")))?;
+        TextField::parse(text).map_err(|e| bad(format!("`{name}` {e}")))
+    };
+    let account_id = text(
+        "account_id",
+        object
+            .get("account_id")
+            .ok_or_else(|| bad("`account_id` is missing".into()))?,
+    )?;
+    let app_id = match object.get("app_id") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(text("app_id", value)?),
+    };
+    let scopes = object
+        .get("scopes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("`scopes` must be an array of strings".into()))?;
+    let scope_texts: Vec<&str> = scopes
+        .iter()
+        .map(|s| {
+            s.as_str()
+                .ok_or_else(|| bad("`scopes` must be an array of strings".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    let scopes = ScopeSet::parse(scope_texts).map_err(|e| bad(format!("`scopes`: {e}")))?;
+    let min_ttl_secs = match object.get("min_ttl_seconds") {
+        None | Some(Value::Null) => DEFAULT_MIN_TTL_SECS,
+        Some(value) => value
+            .as_u64()
+            .filter(|secs| *secs <= LONGEST_MIN_TTL_SECS)
+            .ok_or_else(|| {
+                bad(format!(
+                    "`min_ttl_seconds` must be a whole number from 0 to {LONGEST_MIN_TTL_SECS}"
+                ))
+            })?,
+    };
+    Ok(TokenRequest {
+        account_id,
+        app_id,
+        scopes,
+        min_ttl: Duration::from_secs(min_ttl_secs),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_a_full_request_and_applies_defaults() {
+        let request = parse(br#"{"account_id":"a","scopes":["x","y"]}"#).unwrap();
+        assert_eq!(request.min_ttl, Duration::from_secs(60));
+        assert!(request.app_id.is_none());
+        let request =
+            parse(br#"{"account_id":"a","scopes":["x"],"app_id":"@o/a","min_ttl_seconds":0}"#)
+                .unwrap();
+        assert_eq!(request.app_id.unwrap().as_str(), "@o/a");
+    }
+
+    #[test]
+    fn refuses_bad_min_ttl_scopes_and_shapes() {
+        for body in [
+            &br#"{"account_id":"a","scopes":["x"],"min_ttl_seconds":-1}"#[..],
+            br#"{"account_id":"a","scopes":["x"],"min_ttl_seconds":86401}"#,
+            br#"{"account_id":"a","scopes":["x"],"min_ttl_seconds":1.5}"#,
+            br#"{"account_id":"a","scopes":["a b"]}"#,
+            br#"{"account_id":"a","scopes":["a\nb"]}"#,
+            br#"{"account_id":"a","scopes":[]}"#,
+            br#"{"account_id":"a","scopes":"x"}"#,
+            br#"{"account_id":5,"scopes":["x"]}"#,
+            br#"{"scopes":["x"]}"#,
+        ] {
+            assert!(
+                matches!(parse(body), Err(ApiError::InvalidRequest(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+    }
+}

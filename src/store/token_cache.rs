@@ -1,0 +1,91 @@
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// A cached token as stored: the access token is ciphertext.
+#[derive(Clone, sqlx::FromRow)]
+pub struct CachedTokenRow {
+    pub key_id: String,
+    pub access_token_ciphertext: Vec<u8>,
+    pub token_type: String,
+    pub granted_scope: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Serializes minting of one (installation, scope set) across every process sharing the database, until
+/// the transaction ends. Another replica that wants the same token waits here, then finds it in the table.
+pub async fn lock_key(
+    conn: &mut PgConnection,
+    installation_id: Uuid,
+    scope_key: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("tokenvault/token/{installation_id}/{scope_key}"))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+pub async fn get(
+    conn: &mut PgConnection,
+    installation_id: Uuid,
+    scope_key: &str,
+    credentials_version: i64,
+) -> sqlx::Result<Option<CachedTokenRow>> {
+    sqlx::query_as(
+        "select key_id, access_token_ciphertext, token_type, granted_scope, issued_at, expires_at
+         from token_cache where installation_id = $1 and scope_key = $2 and credentials_version = $3",
+    )
+    .bind(installation_id)
+    .bind(scope_key)
+    .bind(credentials_version)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Stores a minted token, unless the installation's credentials changed or it stopped being active while
+/// the token was minted.
+pub async fn put(
+    conn: &mut PgConnection,
+    installation_id: Uuid,
+    scope_key: &str,
+    credentials_version: i64,
+    row: &CachedTokenRow,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "insert into token_cache (installation_id, scope_key, credentials_version, key_id,
+             access_token_ciphertext, token_type, granted_scope, issued_at, expires_at)
+         select $1, $2, $3, $4, $5, $6, $7, $8, $9
+         where exists (select 1 from installation
+                       where id = $1 and credentials_version = $3 and status = 'active')
+         on conflict on constraint token_cache_pkey do update set
+             credentials_version = excluded.credentials_version, key_id = excluded.key_id,
+             access_token_ciphertext = excluded.access_token_ciphertext, token_type = excluded.token_type,
+             granted_scope = excluded.granted_scope, issued_at = excluded.issued_at,
+             expires_at = excluded.expires_at",
+    )
+    .bind(installation_id)
+    .bind(scope_key)
+    .bind(credentials_version)
+    .bind(&row.key_id)
+    .bind(&row.access_token_ciphertext)
+    .bind(&row.token_type)
+    .bind(&row.granted_scope)
+    .bind(row.issued_at)
+    .bind(row.expires_at)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+pub async fn delete_for_installation(
+    conn: &mut PgConnection,
+    installation_id: Uuid,
+) -> sqlx::Result<u64> {
+    let result = sqlx::query("delete from token_cache where installation_id = $1")
+        .bind(installation_id)
+        .execute(conn)
+        .await?;
+    Ok(result.rows_affected())
+}
