@@ -145,10 +145,16 @@ impl Source {
 
     /// Only the given pairs (tests).
     pub fn from_pairs<const N: usize>(pairs: [(&str, &str); N]) -> Self {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        Self::from_map(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// Only the given variables (tests).
+    pub fn from_map(map: HashMap<String, String>) -> Self {
         Self {
             lookup: Box::new(move |name| map.get(name).cloned()),
             file: HashMap::new(),

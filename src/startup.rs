@@ -81,10 +81,11 @@ impl Application {
             settings.identity.jwks_url.clone(),
             settings.identity.jwks_min_refresh,
         ));
-        if let Err(error) = jwks.refresh().await {
+        let loaded = jwks.refresh().await;
+        if let Err(error) = &loaded {
             tracing::warn!(error = %error, "JWKS not loaded at start; callbacks answer 503 until it is");
         }
-        let background = vec![Arc::clone(&jwks).spawn_refresher()];
+        let background = vec![Arc::clone(&jwks).spawn_refresher(jwks.next_refresh(&loaded))];
 
         let state = web::Data::new(AppState {
             pool: pool.clone(),

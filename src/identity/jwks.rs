@@ -340,21 +340,27 @@ impl JwksCache {
         Ok((Arc::new(parse_jwks(&body)?), max_age))
     }
 
-    /// Keeps the set fresh until the process ends: after each success waits `max-age` (clamped between
-    /// `min_refresh` and a day), after a failure retries sooner.
-    pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// How long to wait before the next refresh after `result`: `max-age` (clamped between `min_refresh`
+    /// and a day) after a success, sooner after a failure, soonest while nothing was ever loaded.
+    pub fn next_refresh(&self, result: &Result<Duration, JwksError>) -> Duration {
+        let wait = match result {
+            Ok(max_age) => {
+                (*max_age).clamp(self.min_refresh, LONGEST_MAX_AGE.max(self.min_refresh))
+            }
+            Err(_) if !self.is_loaded() => RETRY_WHILE_EMPTY.min(self.min_refresh),
+            Err(_) => self.min_refresh,
+        };
+        wait.max(Duration::from_millis(200))
+    }
+
+    /// Keeps the set fresh until the process ends, starting `first_wait` from now.
+    pub fn spawn_refresher(self: Arc<Self>, first_wait: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            let mut wait = first_wait;
             loop {
-                let wait = match self.refresh().await {
-                    Ok(max_age) => {
-                        max_age.clamp(self.min_refresh, LONGEST_MAX_AGE.max(self.min_refresh))
-                    }
-                    Err(_) if !self.is_loaded() => {
-                        RETRY_WHILE_EMPTY.min(self.min_refresh.max(Duration::from_millis(200)))
-                    }
-                    Err(_) => self.min_refresh.max(Duration::from_secs(1)),
-                };
-                tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
+                tokio::time::sleep(wait).await;
+                let result = self.refresh().await;
+                wait = self.next_refresh(&result);
             }
         })
     }

@@ -1,0 +1,491 @@
+//! Spawns the real application on port 0 against a fresh database, with Trackunit played by a local
+//! HTTP server (wiremock) that serves a JWKS of real keys and a token endpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokenvault::domain::ServiceKey;
+use tokenvault::settings::{Settings, Source};
+use tokenvault::startup::Application;
+use tokenvault::store::api_client;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+pub const APP_ID: &str = "@acme/fleet-insights";
+
+/// The PostgreSQL server the tests use: `DATABASE_URL` (set by `make test`), else a local default.
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let mut url = url::Url::parse(url).expect("DATABASE_URL is a URL");
+    url.set_path(database);
+    url.to_string()
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+pub fn jwk(name: &str) -> Value {
+    serde_json::from_slice(&fixture(&format!("{name}.jwk.json"))).unwrap()
+}
+
+/// Signs `claims` as Trackunit would, with the named fixture key and its kid.
+pub fn sign(key: &str, alg: Algorithm, claims: &Value) -> String {
+    let pem = fixture(&format!("{key}.pem"));
+    let encoding = match alg {
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        _ => EncodingKey::from_rsa_pem(&pem),
+    }
+    .unwrap();
+    let mut header = Header::new(alg);
+    header.kid = Some(key.to_owned());
+    jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A valid identity token, issued `age` seconds ago.
+pub fn identity_issued(age: i64) -> String {
+    sign(
+        "rsa-a",
+        Algorithm::RS256,
+        &json!({ "iat": now() - age, "exp": now() + 300 }),
+    )
+}
+
+pub fn identity() -> String {
+    identity_issued(0)
+}
+
+/// Fresh random credentials, unique per call, so leaks are attributable.
+pub struct Credentials {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+pub fn credentials() -> Credentials {
+    Credentials {
+        client_id: format!("cid-{}", uuid::Uuid::new_v4().simple()),
+        client_secret: format!("csecret-{}", uuid::Uuid::new_v4().simple()),
+    }
+}
+
+pub fn installed_body(account_id: &str, credentials: &Credentials) -> Value {
+    json!({
+        "type": "INSTALLED",
+        "irisAppId": APP_ID,
+        "accountId": account_id,
+        "clientId": credentials.client_id,
+        "clientSecret": credentials.client_secret,
+    })
+}
+
+/// What the fake token endpoint does.
+#[derive(Clone)]
+pub enum Upstream {
+    /// Mint a token valid for this many seconds.
+    Mint { expires_in: i64 },
+    /// Answer with this status and JSON body.
+    Fail { status: u16, body: Value },
+}
+
+/// Plays Trackunit's token endpoint: records each call's form, mints unique tokens, or fails on demand.
+#[derive(Clone)]
+pub struct TokenEndpoint {
+    pub calls: Arc<Mutex<Vec<HashMap<String, String>>>>,
+    /// Answers to give, in order; the last one repeats.
+    pub script: Arc<Mutex<Vec<Upstream>>>,
+    pub delay: Arc<Mutex<Duration>>,
+    counter: Arc<AtomicU64>,
+    pub issued: Arc<Mutex<Vec<String>>>,
+}
+
+impl Respond for TokenEndpoint {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let form: HashMap<String, String> = url::form_urlencoded::parse(&request.body)
+            .into_owned()
+            .collect();
+        self.calls.lock().unwrap().push(form.clone());
+        let answer = {
+            let mut script = self.script.lock().unwrap();
+            if script.len() > 1 {
+                script.remove(0)
+            } else {
+                script[0].clone()
+            }
+        };
+        let delay = *self.delay.lock().unwrap();
+        let template = match answer {
+            Upstream::Mint { expires_in } => {
+                let n = self.counter.fetch_add(1, Ordering::SeqCst);
+                let token = format!("at-{n}-{}", uuid::Uuid::new_v4().simple());
+                self.issued.lock().unwrap().push(token.clone());
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "token_type": "Bearer",
+                    "expires_in": expires_in,
+                    "access_token": token,
+                    "scope": form.get("scope").cloned().unwrap_or_default(),
+                }))
+            }
+            Upstream::Fail { status, body } => ResponseTemplate::new(status).set_body_json(body),
+        };
+        template.set_delay(delay)
+    }
+}
+
+impl TokenEndpoint {
+    pub fn call_count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+
+    pub fn set(&self, answers: Vec<Upstream>) {
+        *self.script.lock().unwrap() = answers;
+    }
+}
+
+pub struct TestApp {
+    pub public: String,
+    pub internal: String,
+    pub pool: PgPool,
+    pub database_url: String,
+    pub http: reqwest::Client,
+    pub trackunit: MockServer,
+    pub upstream: TokenEndpoint,
+    pub encryption_keys: String,
+    pub jwks: Arc<Mutex<Value>>,
+    pub proxy: Option<Arc<DatabaseProxy>>,
+}
+
+/// Options for [`spawn_app_with`].
+pub struct Options {
+    pub vars: Vec<(&'static str, String)>,
+    pub serve_jwks: bool,
+    /// The JWKS's `Cache-Control: max-age`, in seconds.
+    pub jwks_max_age: u64,
+    /// Route the app's database connections through a [`DatabaseProxy`] the test can stop.
+    pub proxy_database: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            vars: Vec::new(),
+            serve_jwks: true,
+            jwks_max_age: 1,
+            proxy_database: false,
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+/// Serves the JWKS held in `jwks` (so tests can change it), with `Cache-Control: max-age=` the second field.
+struct JwksResponder(Arc<Mutex<Value>>, Arc<AtomicU64>);
+
+impl Respond for JwksResponder {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        ResponseTemplate::new(200)
+            .insert_header(
+                "cache-control",
+                format!("max-age={}", self.1.load(Ordering::SeqCst)),
+            )
+            .set_body_json(self.0.lock().unwrap().clone())
+    }
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    let database = format!("tv_test_{}", uuid::Uuid::new_v4().simple());
+    let server = server_url();
+    let mut admin = PgConnection::connect(&server)
+        .await
+        .expect("PostgreSQL is reachable (run `make test`)");
+    admin
+        .execute(format!(r#"create database "{database}""#).as_str())
+        .await
+        .unwrap();
+    let database_url = with_database(&server, &database);
+    let pool = PgPool::connect(&database_url).await.unwrap();
+    tokenvault::store::migrate(&pool).await.unwrap();
+
+    let trackunit = MockServer::start().await;
+    let jwks = Arc::new(Mutex::new(
+        json!({ "keys": [jwk("rsa-a"), jwk("rsa-b"), jwk("ec-p256"), jwk("ed25519")] }),
+    ));
+    if options.serve_jwks {
+        Mock::given(method("GET"))
+            .and(path("/jwks"))
+            .respond_with(JwksResponder(
+                Arc::clone(&jwks),
+                Arc::new(AtomicU64::new(options.jwks_max_age)),
+            ))
+            .mount(&trackunit)
+            .await;
+    }
+    let upstream = TokenEndpoint {
+        calls: Arc::default(),
+        script: Arc::new(Mutex::new(vec![Upstream::Mint { expires_in: 3600 }])),
+        delay: Arc::new(Mutex::new(Duration::ZERO)),
+        counter: Arc::default(),
+        issued: Arc::default(),
+    };
+    Mock::given(method("POST"))
+        .and(path("/apptoken"))
+        .respond_with(upstream.clone())
+        .mount(&trackunit)
+        .await;
+
+    let (proxy, app_database_url) = if options.proxy_database {
+        let (proxy, url) = proxied(&database_url).await;
+        (Some(proxy), url)
+    } else {
+        (None, database_url.clone())
+    };
+    let encryption_keys = format!("test:{}", tokenvault::crypto::generate_key());
+    let mut vars: HashMap<String, String> = HashMap::from([
+        ("DATABASE_URL".into(), app_database_url),
+        ("TOKENVAULT_PUBLIC_ADDR".into(), "127.0.0.1:0".into()),
+        ("TOKENVAULT_INTERNAL_ADDR".into(), "127.0.0.1:0".into()),
+        ("TOKENVAULT_ENCRYPTION_KEYS".into(), encryption_keys.clone()),
+        (
+            "TOKENVAULT_TRACKUNIT_JWKS_URL".into(),
+            format!("{}/jwks", trackunit.uri()),
+        ),
+        (
+            "TOKENVAULT_TRACKUNIT_TOKEN_URL".into(),
+            format!("{}/apptoken", trackunit.uri()),
+        ),
+        (
+            "TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS".into(),
+            "1".into(),
+        ),
+        ("TOKENVAULT_UPSTREAM_BACKOFF_MS".into(), "10".into()),
+        ("TOKENVAULT_UPSTREAM_TIMEOUT_SECS".into(), "5".into()),
+    ]);
+    for (name, value) in options.vars {
+        vars.insert(name.into(), value);
+    }
+    let encryption_keys = vars["TOKENVAULT_ENCRYPTION_KEYS"].clone();
+    let settings = Settings::load(&Source::from_map(vars)).expect("test settings are valid");
+    let app = Application::build(settings)
+        .await
+        .expect("the application starts");
+    let (public, internal) = (app.public_port(), app.internal_port());
+    tokio::spawn(app.run_until_stopped());
+
+    TestApp {
+        public: format!("http://127.0.0.1:{public}"),
+        internal: format!("http://127.0.0.1:{internal}"),
+        pool,
+        database_url,
+        http: reqwest::Client::new(),
+        trackunit,
+        upstream,
+        encryption_keys,
+        jwks,
+        proxy,
+    }
+}
+
+impl TestApp {
+    /// How often the fake Trackunit served the JWKS.
+    pub async fn jwks_fetches(&self) -> usize {
+        let requests = self.trackunit.received_requests().await.unwrap_or_default();
+        requests.iter().filter(|r| r.url.path() == "/jwks").count()
+    }
+
+    /// Sends a callback with the given identity header value and JSON body.
+    pub async fn callback(&self, identity: Option<&str>, body: &Value) -> reqwest::Response {
+        self.callback_raw(
+            identity,
+            "application/json",
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
+    }
+
+    pub async fn callback_raw(
+        &self,
+        identity: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}/callbacks/trackunit", self.public))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(identity) = identity {
+            request = request.header("Trackunit-Identity", identity);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Installs `account_id` with fresh credentials and checks it was acknowledged.
+    pub async fn install(&self, account_id: &str) -> Credentials {
+        let credentials = credentials();
+        let response = self
+            .callback(Some(&identity()), &installed_body(account_id, &credentials))
+            .await;
+        assert_eq!(response.status(), 204, "install acknowledged");
+        credentials
+    }
+
+    /// Creates a service key directly in the store, as `tokenvault clients create` does.
+    pub async fn client(&self, accounts: &[&str], scopes: &[&str], admin: bool) -> String {
+        let key = ServiceKey::generate();
+        let to_vec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let name = format!("client-{}", uuid::Uuid::new_v4().simple());
+        api_client::create(
+            &self.pool,
+            &name,
+            &key.sha256(),
+            &to_vec(accounts),
+            &to_vec(scopes),
+            admin,
+        )
+        .await
+        .unwrap();
+        key.expose().to_owned()
+    }
+
+    pub async fn token(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/tokens", self.internal))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Every installation row as JSON text (ciphertext hex-encoded), to compare database states.
+    pub async fn snapshot(&self) -> String {
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "select coalesce(json_agg(i order by i.app_id, i.account_id)::text, '[]') from installation i",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        rows.into_iter().map(|r| r.0).collect()
+    }
+
+    pub async fn installation_count(&self) -> i64 {
+        sqlx::query_scalar("select count(*) from installation")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn status_of(&self, account_id: &str) -> String {
+        sqlx::query_scalar("select status from installation where account_id = $1")
+            .bind(account_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts a problem+json answer with `status` and `code`; returns the body.
+pub async fn assert_problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    assert!(body["title"].is_string() && body["detail"].is_string() && body["type"].is_string());
+    body
+}
+
+/// A TCP forwarder in front of PostgreSQL, so a test can take "the database" away from the app and give
+/// it back, as a stopped and restarted server would, without touching the shared server.
+pub struct DatabaseProxy {
+    pub port: u16,
+    target: String,
+    running: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl DatabaseProxy {
+    pub async fn start(target: String) -> Arc<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Arc::new(Self {
+            port,
+            target,
+            running: Mutex::new(None),
+            connections: Arc::default(),
+        });
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let target = self.target.clone();
+        let connections = Arc::clone(&self.connections);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                connections.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        *self.running.lock().unwrap() = Some(task);
+    }
+
+    /// The database "stops": the port refuses connections and open ones are cut.
+    pub fn stop(&self) {
+        if let Some(task) = self.running.lock().unwrap().take() {
+            task.abort();
+        }
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// The database "comes back" on the same port.
+    pub async fn restart(&self) {
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+/// The app's DATABASE_URL routed through a [`DatabaseProxy`] to the test database.
+pub async fn proxied(database_url: &str) -> (Arc<DatabaseProxy>, String) {
+    let url = url::Url::parse(database_url).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let proxy = DatabaseProxy::start(target).await;
+    let mut through = url.clone();
+    through.set_host(Some("127.0.0.1")).unwrap();
+    through.set_port(Some(proxy.port)).unwrap();
+    (proxy, through.to_string())
+}

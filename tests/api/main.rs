@@ -1,0 +1,9 @@
+//! One integration-test binary: the real app against a real PostgreSQL, with Trackunit faked at the
+//! HTTP boundary (a local JWKS and token endpoint signing and serving real keys).
+
+mod admin;
+mod callbacks;
+mod helpers;
+mod identity;
+mod storage;
+mod tokens;

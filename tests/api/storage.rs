@@ -1,0 +1,155 @@
+//! What is at rest: no plaintext secret anywhere in the database; ciphertext bound to its row.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn the_database_holds_no_plaintext_client_id_secret_or_access_token() {
+    let app = spawn_app().await;
+    let credentials = app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let body: serde_json::Value = app
+        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access_token = body["access_token"].as_str().unwrap().to_owned();
+
+    // Every byte of every table we own, as text and as hex.
+    let dump: String = sqlx::query_scalar(
+        "select string_agg(t::text, ' ') from (
+            select row_to_json(i)::text as t from installation i
+            union all select row_to_json(c)::text from token_cache c
+            union all select row_to_json(e)::text from callback_event e
+            union all select row_to_json(a)::text from api_client a) rows",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let blobs: Vec<Vec<u8>> = sqlx::query_scalar(
+        "select client_id_ciphertext from installation union all select client_secret_ciphertext from installation
+         union all select access_token_ciphertext from token_cache",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let raw: Vec<u8> = blobs.concat();
+    for secret in [
+        &credentials.client_id,
+        &credentials.client_secret,
+        &access_token,
+        &key,
+    ] {
+        assert!(
+            !dump.contains(secret.as_str()),
+            "{secret} found in the database"
+        );
+        assert!(
+            !dump.contains(&hex::encode(secret)),
+            "{secret} found hex-encoded"
+        );
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} found in a ciphertext"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ciphertext_swapped_between_rows_fails_to_decrypt_and_no_upstream_call_is_made() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    app.install("acc-2").await;
+    sqlx::query(
+        "update installation set client_secret_ciphertext =
+            (select client_secret_ciphertext from installation where account_id = 'acc-2')
+         where account_id = 'acc-1'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let key = app.client(&["*"], &["*"], false).await;
+    let response = app
+        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
+        .await;
+    assert_problem(response, 500, "credentials_unreadable").await;
+    assert_eq!(app.upstream.call_count(), 0);
+    // The row it was taken from still works.
+    assert_eq!(
+        app.token(&key, &json!({"account_id": "acc-2", "scopes": ["a"]}))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_client_id_moved_into_the_secret_column_of_its_own_row_fails_to_decrypt() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    sqlx::query("update installation set client_secret_ciphertext = client_id_ciphertext")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let key = app.client(&["*"], &["*"], false).await;
+    let response = app
+        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
+        .await;
+    assert_problem(response, 500, "credentials_unreadable").await;
+    assert_eq!(app.upstream.call_count(), 0);
+}
+
+#[tokio::test]
+async fn a_cached_token_is_shared_through_the_database_by_another_process() {
+    // Two app instances over one database: the second finds the first one's token in token_cache.
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let first: serde_json::Value = app
+        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    let settings = tokenvault::settings::Settings::load(&tokenvault::settings::Source::from_map(
+        [
+            ("DATABASE_URL", app.database_url.as_str()),
+            ("TOKENVAULT_PUBLIC_ADDR", "127.0.0.1:0"),
+            ("TOKENVAULT_INTERNAL_ADDR", "127.0.0.1:0"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", app.encryption_keys.as_str()),
+            (
+                "TOKENVAULT_TRACKUNIT_JWKS_URL",
+                &format!("{}/jwks", app.trackunit.uri()),
+            ),
+            (
+                "TOKENVAULT_TRACKUNIT_TOKEN_URL",
+                &format!("{}/apptoken", app.trackunit.uri()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    ))
+    .unwrap();
+    let replica = tokenvault::startup::Application::build(settings)
+        .await
+        .unwrap();
+    let replica_url = format!("http://127.0.0.1:{}", replica.internal_port());
+    tokio::spawn(replica.run_until_stopped());
+    let second: serde_json::Value = app
+        .http
+        .post(format!("{replica_url}/v1/tokens"))
+        .bearer_auth(&key)
+        .json(&json!({"account_id": "acc-1", "scopes": ["a"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["access_token"], second["access_token"]);
+    assert_eq!(app.upstream.call_count(), 1, "one mint for both replicas");
+}
