@@ -1,0 +1,294 @@
+//! The real binary: exit codes, what it prints, and graceful shutdown of `serve` on SIGTERM.
+
+#[path = "api/helpers.rs"]
+#[allow(dead_code, reason = "shared helpers; this binary uses a subset")]
+mod helpers;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use helpers::*;
+use serde_json::json;
+
+fn tokenvault() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
+    for (name, _) in std::env::vars() {
+        if name == "DATABASE_URL" || name.starts_with("TOKENVAULT_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("TOKENVAULT_LOG_FORMAT", "pretty");
+    command
+}
+
+/// The command with the settings of `app` (its database, key ring and fake Trackunit).
+fn tokenvault_for(app: &TestApp) -> Command {
+    let mut command = tokenvault();
+    command
+        .env("DATABASE_URL", &app.database_url)
+        .env("TOKENVAULT_ENCRYPTION_KEYS", &app.encryption_keys)
+        .env(
+            "TOKENVAULT_TRACKUNIT_JWKS_URL",
+            format!("{}/jwks", app.trackunit.uri()),
+        )
+        .env(
+            "TOKENVAULT_TRACKUNIT_TOKEN_URL",
+            format!("{}/apptoken", app.trackunit.uri()),
+        );
+    command
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().expect("the binary runs")
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["migrate", "--help"],
+        &["keys", "generate", "--help"],
+        &["clients", "create", "--help"],
+        &["clients", "list", "--help"],
+        &["clients", "revoke", "--help"],
+        &["installations", "list", "--help"],
+    ] {
+        let output = run(tokenvault().args(args));
+        assert!(output.status.success(), "{args:?}");
+        assert!(text(&output.stdout).contains("Usage:"), "{args:?}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(run(tokenvault().arg("frobnicate")).status.code(), Some(2));
+    assert_eq!(
+        run(tokenvault().args(["clients", "create"])).status.code(),
+        Some(2),
+        "--name is required"
+    );
+}
+
+#[test]
+fn a_missing_or_malformed_setting_exits_1_with_one_line_naming_it() {
+    let output = run(tokenvault().arg("serve"));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+
+    let output = run(tokenvault()
+        .args(["clients", "list"])
+        .env("DATABASE_URL", "postgres://x")
+        .env("TOKENVAULT_ENCRYPTION_KEYS", "k:short"));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("TOKENVAULT_ENCRYPTION_KEYS"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn keys_generate_prints_a_usable_key_and_needs_no_settings() {
+    let output = run(tokenvault().args(["keys", "generate", "--id", "k2027"]));
+    assert!(output.status.success());
+    let line = text(&output.stdout).trim().to_owned();
+    assert!(line.starts_with("k2027:"));
+    assert!(tokenvault::crypto::KeyRing::parse(&line).is_ok());
+    let again = text(&run(tokenvault().args(["keys", "generate"])).stdout);
+    assert_ne!(line, again.trim());
+}
+
+#[tokio::test]
+async fn clients_create_prints_the_key_once_and_stores_only_its_hash() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let output = run(tokenvault_for(&app).args([
+        "clients",
+        "create",
+        "--name",
+        "billing",
+        "--account",
+        "*",
+        "--scope",
+        "asset.view",
+    ]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    let key = stdout.trim().lines().last().unwrap().to_owned();
+    assert!(key.starts_with("tvk_") && !key.contains(' '), "{key}");
+
+    let stored: Vec<u8> =
+        sqlx::query_scalar("select key_sha256 from api_client where name = 'billing'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        tokenvault::domain::ServiceKey::digest(&key).to_vec()
+    );
+    assert_eq!(
+        app.token(
+            &key,
+            &json!({"account_id": "acc-1", "scopes": ["asset.view"]})
+        )
+        .await
+        .status(),
+        200
+    );
+
+    let listing = text(&run(tokenvault_for(&app).args(["clients", "list"])).stdout);
+    assert!(
+        listing.contains("billing") && !listing.contains(&key[4..]),
+        "{listing}"
+    );
+
+    let duplicate = run(tokenvault_for(&app).args(["clients", "create", "--name", "billing"]));
+    assert_eq!(duplicate.status.code(), Some(1));
+    assert!(text(&duplicate.stderr).contains("already exists"));
+
+    assert!(
+        run(tokenvault_for(&app).args(["clients", "revoke", "billing"]))
+            .status
+            .success()
+    );
+    assert_eq!(
+        app.token(
+            &key,
+            &json!({"account_id": "acc-1", "scopes": ["asset.view"]})
+        )
+        .await
+        .status(),
+        401
+    );
+    assert_eq!(
+        run(tokenvault_for(&app).args(["clients", "revoke", "billing"]))
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn installations_list_shows_accounts_but_no_credentials() {
+    let app = spawn_app().await;
+    let credentials = app.install("acc-listed").await;
+    let output = run(tokenvault_for(&app).args(["installations", "list"]));
+    assert!(output.status.success());
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("acc-listed") && stdout.contains(APP_ID) && stdout.contains("active"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&credentials.client_id) && !stdout.contains(&credentials.client_secret)
+    );
+}
+
+#[tokio::test]
+async fn migrate_applies_the_embedded_migrations_to_an_empty_database() {
+    let app = spawn_app().await;
+    let database = format!("tv_migrate_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!(r#"create database "{database}""#))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&app.database_url).unwrap();
+    url.set_path(&database);
+    let output = run(tokenvault_for(&app)
+        .args(["migrate"])
+        .env("DATABASE_URL", url.as_str()));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "select count(*) from information_schema.tables where table_name in ('installation', 'api_client', 'token_cache', 'callback_event')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 4);
+    assert!(
+        run(tokenvault_for(&app)
+            .args(["migrate"])
+            .env("DATABASE_URL", url.as_str()))
+        .status
+        .success(),
+        "idempotent"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let (public, internal) = (free_port(), free_port());
+    let mut child = tokenvault_for(&app)
+        .arg("serve")
+        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{internal}");
+    let mut up = false;
+    for _ in 0..100 {
+        if app
+            .http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "serve came up");
+
+    *app.upstream.delay.lock().unwrap() = Duration::from_millis(1500);
+    let in_flight = {
+        let (http, key) = (app.http.clone(), key.clone());
+        tokio::spawn(async move {
+            http.post(format!("{base}/v1/tokens"))
+                .bearer_auth(key)
+                .json(&json!({"account_id": "acc-1", "scopes": ["a"]}))
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request was answered");
+    assert_eq!(response.status(), 200);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
