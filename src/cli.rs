@@ -19,11 +19,9 @@ use crate::telemetry;
     version,
     about = "Keeps Trackunit app credentials encrypted and hands out per-account access tokens."
 )]
-#[command(
-    long_about = "Keeps Trackunit app credentials encrypted and hands out per-account access tokens.\n\n\
+#[command(long_about = "Keeps Trackunit app credentials encrypted and hands out per-account access tokens.\n\n\
 Settings come from environment variables (DATABASE_URL, TOKENVAULT_ENCRYPTION_KEYS, ...; see README.md),\n\
-their NAME_FILE variants, or --config FILE (TOML, the same names in lower case)."
-)]
+their NAME_FILE variants, or --config FILE (TOML, the same names in lower case).")]
 pub struct Cli {
     /// TOML file with settings (the environment variable names in lower case); variables take precedence.
     #[arg(long, global = true, value_name = "FILE")]
@@ -97,12 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(&Source::environment(cli.config.as_deref())?)?;
     telemetry::init(settings.log_format);
     match cli.command {
-        Command::Serve => {
-            Application::build(settings)
-                .await?
-                .run_until_stopped()
-                .await
-        }
+        Command::Serve => Application::build(settings).await?.run_until_stopped().await,
         Command::Migrate => {
             let pool = store::pool(&settings.database_url, 2)?;
             store::migrate(&pool).await?;
@@ -116,10 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn generate(id: Option<&str>) -> anyhow::Result<()> {
-    let id = id.map_or_else(
-        || format!("k{}", chrono::Utc::now().format("%Y%m%d")),
-        str::to_owned,
-    );
+    let id = id.map_or_else(|| format!("k{}", chrono::Utc::now().format("%Y%m%d")), str::to_owned);
     let line = format!("{id}:{}", generate_key());
     // Parse what we print, so an invalid --id fails here rather than at the next start.
     crate::crypto::KeyRing::parse(&line).context("--id")?;
@@ -127,16 +117,9 @@ fn generate(id: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn grants(
-    values: Vec<String>,
-    what: &str,
-    check: impl Fn(&str) -> bool,
-) -> anyhow::Result<Vec<String>> {
+fn grants(values: Vec<String>, what: &str, check: impl Fn(&str) -> bool) -> anyhow::Result<Vec<String>> {
     for value in &values {
-        anyhow::ensure!(
-            value == api_client::WILDCARD || check(value),
-            "{what} {value:?} is not valid"
-        );
+        anyhow::ensure!(value == api_client::WILDCARD || check(value), "{what} {value:?} is not valid");
     }
     Ok(values)
 }
@@ -144,18 +127,12 @@ fn grants(
 async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     match command {
-        ClientsCommand::Create {
-            name,
-            accounts,
-            scopes,
-            admin,
-        } => {
+        ClientsCommand::Create { name, accounts, scopes, admin } => {
             TextField::parse(name.as_str()).map_err(|e| anyhow::anyhow!("--name {e}"))?;
             let accounts = grants(accounts, "--account", |a| TextField::parse(a).is_ok())?;
             let scopes = grants(scopes, "--scope", |s| Scope::parse(s).is_ok())?;
             let key = ServiceKey::generate();
-            let client =
-                api_client::create(&pool, &name, &key.sha256(), &accounts, &scopes, admin).await?;
+            let client = api_client::create(&pool, &name, &key.sha256(), &accounts, &scopes, admin).await?;
             println!(
                 "created client {} (accounts: {}; scopes: {}; admin: {}). Its key is shown once, below:",
                 client.name,
@@ -166,33 +143,21 @@ async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result
             println!("{}", key.expose());
         }
         ClientsCommand::List => {
-            println!(
-                "{:<24} {:<8} {:<6} {:<26} {:<30} SCOPES",
-                "NAME", "STATUS", "ADMIN", "CREATED", "ACCOUNTS"
-            );
+            println!("{:<24} {:<8} {:<6} {:<26} {:<30} SCOPES", "NAME", "STATUS", "ADMIN", "CREATED", "ACCOUNTS");
             for client in api_client::list(&pool).await? {
                 println!(
                     "{:<24} {:<8} {:<6} {:<26} {:<30} {}",
                     client.name,
-                    if client.revoked_at.is_some() {
-                        "revoked"
-                    } else {
-                        "active"
-                    },
+                    if client.revoked_at.is_some() { "revoked" } else { "active" },
                     client.admin,
-                    client
-                        .created_at
-                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    client.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     display_list(&client.accounts),
                     display_list(&client.scopes)
                 );
             }
         }
         ClientsCommand::Revoke { name } => {
-            anyhow::ensure!(
-                api_client::revoke(&pool, &name).await?,
-                "no active client named {name:?}"
-            );
+            anyhow::ensure!(api_client::revoke(&pool, &name).await?, "no active client named {name:?}");
             println!("revoked client {name}");
         }
     }
@@ -200,19 +165,12 @@ async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result
 }
 
 fn display_list(values: &[String]) -> String {
-    if values.is_empty() {
-        "(none)".into()
-    } else {
-        values.join(",")
-    }
+    if values.is_empty() { "(none)".into() } else { values.join(",") }
 }
 
 async fn list_installations(settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
-    println!(
-        "{:<36} {:<24} {:<36} {:<11} {:<20} UPDATED",
-        "ID", "APP", "ACCOUNT", "STATUS", "CREATED"
-    );
+    println!("{:<36} {:<24} {:<36} {:<11} {:<20} UPDATED", "ID", "APP", "ACCOUNT", "STATUS", "CREATED");
     for row in installation::list(&pool).await? {
         println!(
             "{:<36} {:<24} {:<36} {:<11} {:<20} {}",
@@ -220,10 +178,8 @@ async fn list_installations(settings: &Settings) -> anyhow::Result<()> {
             row.app_id,
             row.account_id,
             row.status,
-            row.created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            row.updated_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            row.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
     }
     Ok(())

@@ -108,15 +108,12 @@ impl ApiError {
 /// Whether a database error means "cannot reach the database now" rather than a bug in a query.
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
         // 57P01..57P03: admin shutdown, crash shutdown, cannot connect now; 08xxx: connection exceptions;
         // 53300: too many connections.
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("57P") || code.starts_with("08") || code == "53300"
-        }),
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|code| code.starts_with("57P") || code.starts_with("08") || code == "53300")
+        }
         _ => false,
     }
 }
@@ -133,13 +130,11 @@ impl ResponseError for ApiError {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unauthenticated
-            | ApiError::MissingIdentity
-            | ApiError::InvalidIdentity(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) | ApiError::AppNotAllowed => StatusCode::FORBIDDEN,
-            ApiError::NotInstalled | ApiError::InstallationNotFound | ApiError::NotFound => {
-                StatusCode::NOT_FOUND
+            ApiError::Unauthenticated | ApiError::MissingIdentity | ApiError::InvalidIdentity(_) => {
+                StatusCode::UNAUTHORIZED
             }
+            ApiError::Forbidden(_) | ApiError::AppNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::NotInstalled | ApiError::InstallationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::AmbiguousApp => StatusCode::CONFLICT,
             ApiError::InvalidScope => StatusCode::UNPROCESSABLE_ENTITY,
@@ -147,9 +142,7 @@ impl ResponseError for ApiError {
             ApiError::UpstreamUnavailable { .. }
             | ApiError::IdentityKeysUnavailable { .. }
             | ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::CredentialsUnreadable | ApiError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::CredentialsUnreadable | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -167,10 +160,7 @@ impl ResponseError for ApiError {
             "code": self.code(),
         });
         let mut response = HttpResponse::build(status);
-        response.insert_header((
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        ));
+        response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
         response.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
         if let Some(seconds) = self.retry_after_secs() {
             response.insert_header((header::RETRY_AFTER, seconds.to_string()));
@@ -192,10 +182,7 @@ mod tests {
         let response = ApiError::DatabaseUnavailable.error_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "2");
-        assert_eq!(
-            response.headers().get(header::CONTENT_TYPE).unwrap(),
-            "application/problem+json"
-        );
+        assert_eq!(response.headers().get(header::CONTENT_TYPE).unwrap(), "application/problem+json");
         let body = response.into_body().try_into_bytes().unwrap();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["code"], "database_unavailable");

@@ -26,27 +26,23 @@ pub enum CallbackMessage {
         account_id: AccountId,
     },
     /// A type Trackunit has not documented: acknowledged, logged, nothing stored.
-    Other { message_type: String },
+    Other {
+        message_type: String,
+    },
 }
 
 impl std::fmt::Debug for CallbackMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallbackMessage::Installed {
-                app_id, account_id, ..
-            } => f
+            CallbackMessage::Installed { app_id, account_id, .. } => f
                 .debug_struct("Installed")
                 .field("app_id", app_id)
                 .field("account_id", account_id)
                 .finish_non_exhaustive(),
-            CallbackMessage::Uninstalled { app_id, account_id } => f
-                .debug_struct("Uninstalled")
-                .field("app_id", app_id)
-                .field("account_id", account_id)
-                .finish(),
-            CallbackMessage::Other { message_type } => {
-                f.debug_struct("Other").field("type", message_type).finish()
+            CallbackMessage::Uninstalled { app_id, account_id } => {
+                f.debug_struct("Uninstalled").field("app_id", app_id).field("account_id", account_id).finish()
             }
+            CallbackMessage::Other { message_type } => f.debug_struct("Other").field("type", message_type).finish(),
         }
     }
 }
@@ -97,49 +93,18 @@ pub async fn apply(
     let issued_at = issued_at.and_then(|secs| DateTime::<Utc>::from_timestamp(secs, 0));
     let mut tx = pool.begin().await?;
     let (outcome, event_type, app_id, account_id) = match message {
-        CallbackMessage::Installed {
-            app_id,
-            account_id,
-            client_id,
-            client_secret,
-        } => {
-            let outcome = install(
-                &mut tx,
-                keys,
-                app_id,
-                account_id,
-                client_id,
-                client_secret,
-                issued_at,
-            )
-            .await?;
-            (
-                outcome,
-                "INSTALLED",
-                Some(app_id.as_str()),
-                Some(account_id.as_str()),
-            )
+        CallbackMessage::Installed { app_id, account_id, client_id, client_secret } => {
+            let outcome = install(&mut tx, keys, app_id, account_id, client_id, client_secret, issued_at).await?;
+            (outcome, "INSTALLED", Some(app_id.as_str()), Some(account_id.as_str()))
         }
         CallbackMessage::Uninstalled { app_id, account_id } => {
             let outcome = uninstall(&mut tx, app_id, account_id, issued_at).await?;
-            (
-                outcome,
-                "UNINSTALLED",
-                Some(app_id.as_str()),
-                Some(account_id.as_str()),
-            )
+            (outcome, "UNINSTALLED", Some(app_id.as_str()), Some(account_id.as_str()))
         }
-        CallbackMessage::Other { message_type } => {
-            (Outcome::Ignored, message_type.as_str(), None, None)
-        }
+        CallbackMessage::Other { message_type } => (Outcome::Ignored, message_type.as_str(), None, None),
     };
-    let event = CallbackEvent {
-        event_type,
-        app_id,
-        account_id,
-        outcome: outcome.label(),
-        identity_issued_at: issued_at,
-    };
+    let event =
+        CallbackEvent { event_type, app_id, account_id, outcome: outcome.label(), identity_issued_at: issued_at };
     callback_event::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(outcome)
@@ -160,14 +125,10 @@ async fn install(
     issued_at: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Outcome> {
     let (app, account) = (app_id.as_str(), account_id.as_str());
-    let sealed_id = keys.seal(
-        client_id.expose_secret().as_bytes(),
-        &Aad::installation(app, account, SecretField::ClientId),
-    );
-    let sealed_secret = keys.seal(
-        client_secret.expose_secret().as_bytes(),
-        &Aad::installation(app, account, SecretField::ClientSecret),
-    );
+    let sealed_id =
+        keys.seal(client_id.expose_secret().as_bytes(), &Aad::installation(app, account, SecretField::ClientId));
+    let sealed_secret = keys
+        .seal(client_secret.expose_secret().as_bytes(), &Aad::installation(app, account, SecretField::ClientSecret));
     let credentials = SealedCredentials {
         key_id: sealed_id.key_id.as_str(),
         client_id: &sealed_id.bytes,
@@ -178,17 +139,13 @@ async fn install(
         Some(existing) => existing,
         None => match installation::insert(tx, app, account, &credentials, issued_at).await? {
             Some(id) => return Ok(Outcome::Stored(id)),
-            None => installation::lock(tx, app, account)
-                .await?
-                .ok_or(sqlx::Error::RowNotFound)?,
+            None => installation::lock(tx, app, account).await?.ok_or(sqlx::Error::RowNotFound)?,
         },
     };
     if is_stale(existing.identity_issued_at, issued_at) {
         return Ok(Outcome::Stale);
     }
-    if existing.status() == Status::Active
-        && holds_credentials(keys, &existing, client_id, client_secret)
-    {
+    if existing.status() == Status::Active && holds_credentials(keys, &existing, client_id, client_secret) {
         return Ok(Outcome::Unchanged(existing.id));
     }
     installation::replace_credentials(tx, existing.id, &credentials, issued_at).await?;
@@ -203,23 +160,16 @@ fn holds_credentials(
     client_id: &SecretString,
     client_secret: &SecretString,
 ) -> bool {
-    let (Some(key_id), Some(id_sealed), Some(secret_sealed)) = (
-        stored.key_id.as_deref(),
-        stored.client_id_ciphertext.as_deref(),
-        stored.client_secret_ciphertext.as_deref(),
-    ) else {
+    let (Some(key_id), Some(id_sealed), Some(secret_sealed)) =
+        (stored.key_id.as_deref(), stored.client_id_ciphertext.as_deref(), stored.client_secret_ciphertext.as_deref())
+    else {
         return false;
     };
     let same = |sealed: &[u8], field, expected: &SecretString| {
-        keys.open_string(
-            key_id,
-            sealed,
-            &Aad::installation(&stored.app_id, &stored.account_id, field),
-        )
-        .is_ok_and(|plain| plain.expose_secret() == expected.expose_secret())
+        keys.open_string(key_id, sealed, &Aad::installation(&stored.app_id, &stored.account_id, field))
+            .is_ok_and(|plain| plain.expose_secret() == expected.expose_secret())
     };
-    same(id_sealed, SecretField::ClientId, client_id)
-        && same(secret_sealed, SecretField::ClientSecret, client_secret)
+    same(id_sealed, SecretField::ClientId, client_id) && same(secret_sealed, SecretField::ClientSecret, client_secret)
 }
 
 async fn uninstall(
@@ -239,17 +189,26 @@ async fn uninstall(
     Ok(Outcome::Uninstalled(existing.id))
 }
 
-/// Revokes an installation by id (the admin API): erases its credentials and cached tokens.
-/// Returns false when there is no such installation.
-pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<bool> {
+/// Revokes an installation by id (the admin API): erases its credentials and cached tokens, and moves
+/// the watermark to now, so only an INSTALLED issued after the revocation can bring it back (a replay of
+/// an earlier one is stale). Returns the account id, or `None` when there is no such installation.
+pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<String>> {
     let mut tx = pool.begin().await?;
-    if installation::by_id(&mut tx, id).await?.is_none() {
-        return Ok(false);
-    }
-    installation::erase(&mut tx, id, Status::Revoked, None).await?;
+    let Some(existing) = installation::by_id(&mut tx, id).await? else {
+        return Ok(None);
+    };
+    installation::erase(&mut tx, id, Status::Revoked, Some(Utc::now())).await?;
     token_cache::delete_for_installation(&mut tx, id).await?;
+    let event = CallbackEvent {
+        event_type: "ADMIN_REVOKED",
+        app_id: Some(&existing.app_id),
+        account_id: Some(&existing.account_id),
+        outcome: "revoked",
+        identity_issued_at: None,
+    };
+    callback_event::record(&mut tx, &event).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(Some(existing.account_id))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod cli;
 pub mod crypto;
+pub mod directory;
 pub mod domain;
 pub mod error;
 pub mod identity;

@@ -24,14 +24,8 @@ pub enum BodyError {
 }
 
 /// Reads at most `limit` bytes of `response`'s body.
-pub async fn read_limited(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, BodyError> {
-    if response
-        .content_length()
-        .is_some_and(|len| len > limit as u64)
-    {
+pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if response.content_length().is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge(limit));
     }
     let mut body = Vec::new();

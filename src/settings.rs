@@ -137,28 +137,17 @@ impl Source {
             Some(path) => read_config_file(path)?,
             None => HashMap::new(),
         };
-        Ok(Self {
-            lookup: Box::new(|name| std::env::var(name).ok()),
-            file,
-        })
+        Ok(Self { lookup: Box::new(|name| std::env::var(name).ok()), file })
     }
 
     /// Only the given pairs (tests).
     pub fn from_pairs<const N: usize>(pairs: [(&str, &str); N]) -> Self {
-        Self::from_map(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
+        Self::from_map(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     /// Only the given variables (tests).
     pub fn from_map(map: HashMap<String, String>) -> Self {
-        Self {
-            lookup: Box::new(move |name| map.get(name).cloned()),
-            file: HashMap::new(),
-        }
+        Self { lookup: Box::new(move |name| map.get(name).cloned()), file: HashMap::new() }
     }
 
     fn get(&self, name: &'static str) -> Result<Option<String>, SettingsError> {
@@ -166,17 +155,18 @@ impl Source {
             return Ok(Some(value));
         }
         if let Some(path) = (self.lookup)(&format!("{name}_FILE")) {
-            let value = std::fs::read_to_string(&path)
-                .map_err(|source| SettingsError::UnreadableFile { name, path, source })?;
+            let value = std::fs::read_to_string(&path).map_err(|source| SettingsError::UnreadableFile {
+                name,
+                path,
+                source,
+            })?;
             return Ok(Some(value.trim_end_matches(['\n', '\r']).to_owned()));
         }
         Ok(self.file.get(&name.to_ascii_lowercase()).cloned())
     }
 
     fn required(&self, name: &'static str) -> Result<String, SettingsError> {
-        self.get(name)?
-            .filter(|v| !v.trim().is_empty())
-            .ok_or(SettingsError::Missing(name))
+        self.get(name)?.filter(|v| !v.trim().is_empty()).ok_or(SettingsError::Missing(name))
     }
 
     fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, SettingsError>
@@ -186,30 +176,19 @@ impl Source {
     {
         match self.get(name)? {
             None => Ok(default),
-            Some(raw) => raw
-                .trim()
-                .parse()
-                .map_err(|e: T::Err| invalid(name, e.to_string())),
+            Some(raw) => raw.trim().parse().map_err(|e: T::Err| invalid(name, e.to_string())),
         }
     }
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> SettingsError {
-    SettingsError::Invalid {
-        name,
-        reason: reason.into(),
-    }
+    SettingsError::Invalid { name, reason: reason.into() }
 }
 
 fn read_config_file(path: &Path) -> Result<HashMap<String, String>, SettingsError> {
-    let fail = |reason: String| SettingsError::ConfigFile {
-        path: path.display().to_string(),
-        reason,
-    };
+    let fail = |reason: String| SettingsError::ConfigFile { path: path.display().to_string(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
     table
         .into_iter()
         .map(|(key, value)| {
@@ -220,11 +199,7 @@ fn read_config_file(path: &Path) -> Result<HashMap<String, String>, SettingsErro
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Array(items) => items
                     .iter()
-                    .map(|item| {
-                        item.as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| item.to_string())
-                    })
+                    .map(|item| item.as_str().map(str::to_owned).unwrap_or_else(|| item.to_string()))
                     .collect::<Vec<_>>()
                     .join(","),
                 other => return Err(fail(format!("{key}: unsupported value {other}"))),
@@ -242,18 +217,12 @@ fn endpoint_url(source: &Source, name: &'static str, default: &str) -> Result<Ur
     match url.scheme() {
         "https" => Ok(url),
         "http" if loopback => Ok(url),
-        _ => Err(invalid(
-            name,
-            "must be an https URL (plain http is allowed only to localhost)",
-        )),
+        _ => Err(invalid(name, "must be an https URL (plain http is allowed only to localhost)")),
     }
 }
 
 fn optional_text(source: &Source, name: &'static str) -> Result<Option<String>, SettingsError> {
-    Ok(source
-        .get(name)?
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty()))
+    Ok(source.get(name)?.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()))
 }
 
 fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
@@ -271,70 +240,45 @@ impl Settings {
             None => ASYMMETRIC_ALGORITHMS.to_vec(),
             Some(raw) => comma_list(&raw)
                 .map(|name| {
-                    Algorithm::from_str(name)
-                        .ok()
-                        .filter(|alg| ASYMMETRIC_ALGORITHMS.contains(alg))
-                        .ok_or_else(|| {
-                            invalid(
-                                "TOKENVAULT_TRACKUNIT_ALGORITHMS",
-                                format!("{name:?} is not an accepted asymmetric JWS algorithm"),
-                            )
-                        })
+                    Algorithm::from_str(name).ok().filter(|alg| ASYMMETRIC_ALGORITHMS.contains(alg)).ok_or_else(|| {
+                        invalid(
+                            "TOKENVAULT_TRACKUNIT_ALGORITHMS",
+                            format!("{name:?} is not an accepted asymmetric JWS algorithm"),
+                        )
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };
         if algorithms.is_empty() {
-            return Err(invalid(
-                "TOKENVAULT_TRACKUNIT_ALGORITHMS",
-                "names no algorithm",
-            ));
+            return Err(invalid("TOKENVAULT_TRACKUNIT_ALGORITHMS", "names no algorithm"));
         }
 
         let apps = optional_text(source, "TOKENVAULT_APPS")?
             .map(|raw| comma_list(&raw).map(str::to_owned).collect::<HashSet<_>>())
             .filter(|apps| !apps.is_empty());
 
-        let log_format = match source
-            .get("TOKENVAULT_LOG_FORMAT")?
-            .as_deref()
-            .map(str::trim)
-        {
+        let log_format = match source.get("TOKENVAULT_LOG_FORMAT")?.as_deref().map(str::trim) {
             None | Some("json") => LogFormat::Json,
             Some("pretty") => LogFormat::Pretty,
             Some(other) => {
-                return Err(invalid(
-                    "TOKENVAULT_LOG_FORMAT",
-                    format!("{other:?} is not json or pretty"),
-                ));
+                return Err(invalid("TOKENVAULT_LOG_FORMAT", format!("{other:?} is not json or pretty")));
             }
         };
 
         let max_attempts: u32 = source.parsed("TOKENVAULT_UPSTREAM_MAX_ATTEMPTS", 3)?;
         if !(1..=10).contains(&max_attempts) {
-            return Err(invalid(
-                "TOKENVAULT_UPSTREAM_MAX_ATTEMPTS",
-                "must be between 1 and 10",
-            ));
+            return Err(invalid("TOKENVAULT_UPSTREAM_MAX_ATTEMPTS", "must be between 1 and 10"));
         }
         let max_connections: u32 = source.parsed("TOKENVAULT_DATABASE_MAX_CONNECTIONS", 20)?;
         if max_connections < 2 {
-            return Err(invalid(
-                "TOKENVAULT_DATABASE_MAX_CONNECTIONS",
-                "must be at least 2",
-            ));
+            return Err(invalid("TOKENVAULT_DATABASE_MAX_CONNECTIONS", "must be at least 2"));
         }
 
         Ok(Self {
             database_url,
             database_max_connections: max_connections,
-            public_addr: source.parsed(
-                "TOKENVAULT_PUBLIC_ADDR",
-                SocketAddr::from(([0, 0, 0, 0], 8080)),
-            )?,
-            internal_addr: source.parsed(
-                "TOKENVAULT_INTERNAL_ADDR",
-                SocketAddr::from(([127, 0, 0, 1], 8081)),
-            )?,
+            public_addr: source.parsed("TOKENVAULT_PUBLIC_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+            internal_addr: source.parsed("TOKENVAULT_INTERNAL_ADDR", SocketAddr::from(([127, 0, 0, 1], 8081)))?,
             encryption_keys: Arc::new(encryption_keys),
             identity: IdentitySettings {
                 jwks_url: endpoint_url(
@@ -346,9 +290,7 @@ impl Settings {
                 audience: optional_text(source, "TOKENVAULT_TRACKUNIT_AUDIENCE")?,
                 algorithms,
                 leeway: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", 60)?),
-                jwks_min_refresh: Duration::from_secs(
-                    source.parsed("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", 30)?,
-                ),
+                jwks_min_refresh: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", 30)?),
             },
             upstream: UpstreamSettings {
                 token_url: endpoint_url(
@@ -356,13 +298,9 @@ impl Settings {
                     "TOKENVAULT_TRACKUNIT_TOKEN_URL",
                     "https://auth.trackunit.com/apptoken",
                 )?,
-                timeout: Duration::from_secs(
-                    source.parsed("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", 10)?,
-                ),
+                timeout: Duration::from_secs(source.parsed("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", 10)?),
                 max_attempts,
-                backoff_base: Duration::from_millis(
-                    source.parsed("TOKENVAULT_UPSTREAM_BACKOFF_MS", 200)?,
-                ),
+                backoff_base: Duration::from_millis(source.parsed("TOKENVAULT_UPSTREAM_BACKOFF_MS", 200)?),
             },
             apps,
             log_format,
@@ -382,21 +320,13 @@ mod tests {
     #[test]
     fn defaults_apply_when_only_the_required_settings_are_given() {
         let keys = keys();
-        let source = Source::from_pairs([
-            ("DATABASE_URL", "postgres://u:pw@db/x"),
-            ("TOKENVAULT_ENCRYPTION_KEYS", &keys),
-        ]);
+        let source =
+            Source::from_pairs([("DATABASE_URL", "postgres://u:pw@db/x"), ("TOKENVAULT_ENCRYPTION_KEYS", &keys)]);
         let settings = Settings::load(&source).unwrap();
         assert_eq!(settings.public_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(settings.internal_addr.to_string(), "127.0.0.1:8081");
-        assert_eq!(
-            settings.identity.jwks_url.as_str(),
-            "https://iris.trackunit.com/api/marketplace/jwks"
-        );
-        assert_eq!(
-            settings.upstream.token_url.as_str(),
-            "https://auth.trackunit.com/apptoken"
-        );
+        assert_eq!(settings.identity.jwks_url.as_str(), "https://iris.trackunit.com/api/marketplace/jwks");
+        assert_eq!(settings.upstream.token_url.as_str(), "https://auth.trackunit.com/apptoken");
         assert_eq!(settings.identity.leeway, Duration::from_secs(60));
         assert!(settings.apps.is_none());
         assert_eq!(settings.log_format, LogFormat::Json);
@@ -405,34 +335,21 @@ mod tests {
     #[test]
     fn a_missing_or_malformed_setting_names_the_variable() {
         let keys = keys();
-        let error = Settings::load(&Source::from_pairs([(
-            "TOKENVAULT_ENCRYPTION_KEYS",
-            keys.as_str(),
-        )]))
-        .unwrap_err();
-        assert!(
-            error.to_string().starts_with("DATABASE_URL is not set"),
-            "{error}"
-        );
+        let error = Settings::load(&Source::from_pairs([("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str())])).unwrap_err();
+        assert!(error.to_string().starts_with("DATABASE_URL is not set"), "{error}");
         let error = Settings::load(&Source::from_pairs([
             ("DATABASE_URL", "postgres://x"),
             ("TOKENVAULT_ENCRYPTION_KEYS", "k1:short"),
         ]))
         .unwrap_err();
-        assert!(
-            error.to_string().starts_with("TOKENVAULT_ENCRYPTION_KEYS:"),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with("TOKENVAULT_ENCRYPTION_KEYS:"), "{error}");
         let error = Settings::load(&Source::from_pairs([
             ("DATABASE_URL", "postgres://x"),
             ("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str()),
             ("TOKENVAULT_PUBLIC_ADDR", "nope"),
         ]))
         .unwrap_err();
-        assert!(
-            error.to_string().starts_with("TOKENVAULT_PUBLIC_ADDR:"),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with("TOKENVAULT_PUBLIC_ADDR:"), "{error}");
     }
 
     #[test]
@@ -447,23 +364,15 @@ mod tests {
         };
         assert!(base("TOKENVAULT_TRACKUNIT_ALGORITHMS", "HS256").is_err());
         assert!(base("TOKENVAULT_TRACKUNIT_ALGORITHMS", "none").is_err());
-        assert!(
-            base(
-                "TOKENVAULT_TRACKUNIT_TOKEN_URL",
-                "http://auth.example.com/token"
-            )
-            .is_err()
-        );
+        assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://auth.example.com/token").is_err());
         assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://127.0.0.1:9/token").is_ok());
     }
 
     #[test]
     fn debug_masks_the_database_password_and_the_keys() {
         let keys = keys();
-        let source = Source::from_pairs([
-            ("DATABASE_URL", "postgres://u:hunter2@db/x"),
-            ("TOKENVAULT_ENCRYPTION_KEYS", &keys),
-        ]);
+        let source =
+            Source::from_pairs([("DATABASE_URL", "postgres://u:hunter2@db/x"), ("TOKENVAULT_ENCRYPTION_KEYS", &keys)]);
         let debug = format!("{:?}", Settings::load(&source).unwrap());
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(!debug.contains(&keys[3..15]), "{debug}");
@@ -476,21 +385,13 @@ mod tests {
         let key_file = dir.join("keys");
         std::fs::write(&key_file, format!("{}\n", keys())).unwrap();
         let config = dir.join("tokenvault.toml");
-        std::fs::write(
-            &config,
-            "database_url = \"postgres://from-file/x\"\ntokenvault_apps = [\"@a/b\", \"@c/d\"]\n",
-        )
-        .unwrap();
+        std::fs::write(&config, "database_url = \"postgres://from-file/x\"\ntokenvault_apps = [\"@a/b\", \"@c/d\"]\n")
+            .unwrap();
         let mut source = Source::environment(Some(&config)).unwrap();
         let key_path = key_file.display().to_string();
-        source.lookup = Box::new(move |name| {
-            (name == "TOKENVAULT_ENCRYPTION_KEYS_FILE").then(|| key_path.clone())
-        });
+        source.lookup = Box::new(move |name| (name == "TOKENVAULT_ENCRYPTION_KEYS_FILE").then(|| key_path.clone()));
         let settings = Settings::load(&source).unwrap();
-        assert_eq!(
-            settings.database_url.expose_secret(),
-            "postgres://from-file/x"
-        );
+        assert_eq!(settings.database_url.expose_secret(), "postgres://from-file/x");
         assert_eq!(settings.apps.unwrap().len(), 2);
         assert_eq!(settings.encryption_keys.primary_id().as_str(), "k1");
     }

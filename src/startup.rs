@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tracing_actix_web::TracingLogger;
 
 use crate::broker::{Broker, ProviderProfile, TokenEndpoint};
+use crate::directory::{Change, Directory};
 use crate::identity::{IdentityVerifier, JwksCache};
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
@@ -57,11 +58,8 @@ async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()>
     .fetch_all(pool)
     .await
     .context("cannot read the key ids in use (is the database reachable and migrated?)")?;
-    let missing: Vec<&str> = stored
-        .iter()
-        .map(String::as_str)
-        .filter(|id| !settings.encryption_keys.contains(id))
-        .collect();
+    let missing: Vec<&str> =
+        stored.iter().map(String::as_str).filter(|id| !settings.encryption_keys.contains(id)).collect();
     if !missing.is_empty() {
         anyhow::bail!(
             "TOKENVAULT_ENCRYPTION_KEYS lacks key id(s) {} that stored credentials are sealed with",
@@ -77,79 +75,65 @@ impl Application {
         let pool = store::pool(&settings.database_url, settings.database_max_connections)?;
         check_key_ids(&pool, &settings).await?;
 
-        let jwks = Arc::new(JwksCache::new(
-            settings.identity.jwks_url.clone(),
-            settings.identity.jwks_min_refresh,
-        ));
+        let jwks = Arc::new(JwksCache::new(settings.identity.jwks_url.clone(), settings.identity.jwks_min_refresh));
         let loaded = jwks.refresh().await;
         if let Err(error) = &loaded {
             tracing::warn!(error = %error, "JWKS not loaded at start; callbacks answer 503 until it is");
         }
-        let background = vec![Arc::clone(&jwks).spawn_refresher(jwks.next_refresh(&loaded))];
+        let directory = Arc::new(Directory::new(pool.clone()));
+        let broker = Arc::new(Broker::new(
+            pool.clone(),
+            Arc::clone(&settings.encryption_keys),
+            TokenEndpoint::new(&settings.upstream, ProviderProfile::trackunit()),
+            Arc::clone(&directory),
+            // Half the pool at most: callbacks must always find a connection.
+            settings.database_max_connections as usize / 2,
+        ));
+        let forget_tokens = Arc::clone(&broker);
+        let background = vec![
+            Arc::clone(&jwks).spawn_refresher(jwks.next_refresh(&loaded)),
+            Arc::clone(&directory).spawn_listener(move |change| {
+                if let Change::Installation { id, .. } = change {
+                    forget_tokens.forget(*id);
+                }
+            }),
+        ];
 
         let state = web::Data::new(AppState {
             pool: pool.clone(),
             keys: Arc::clone(&settings.encryption_keys),
             identity: IdentityVerifier::new(&settings.identity, jwks),
-            broker: Broker::new(
-                pool.clone(),
-                Arc::clone(&settings.encryption_keys),
-                TokenEndpoint::new(&settings.upstream, ProviderProfile::trackunit()),
-            ),
+            broker,
+            directory,
             apps: settings.apps.clone(),
             metrics: metrics_handle(),
         });
 
-        let public_listener = TcpListener::bind(settings.public_addr).with_context(|| {
-            format!(
-                "cannot listen on TOKENVAULT_PUBLIC_ADDR {}",
-                settings.public_addr
-            )
-        })?;
-        let internal_listener = TcpListener::bind(settings.internal_addr).with_context(|| {
-            format!(
-                "cannot listen on TOKENVAULT_INTERNAL_ADDR {}",
-                settings.internal_addr
-            )
-        })?;
+        let public_listener = TcpListener::bind(settings.public_addr)
+            .with_context(|| format!("cannot listen on TOKENVAULT_PUBLIC_ADDR {}", settings.public_addr))?;
+        let internal_listener = TcpListener::bind(settings.internal_addr)
+            .with_context(|| format!("cannot listen on TOKENVAULT_INTERNAL_ADDR {}", settings.internal_addr))?;
         let public_port = public_listener.local_addr()?.port();
         let internal_port = internal_listener.local_addr()?.port();
 
         let public_state = state.clone();
         let public = HttpServer::new(move || {
-            App::new()
-                .wrap(TracingLogger::default())
-                .app_data(public_state.clone())
-                .configure(routes::public)
+            App::new().wrap(TracingLogger::default()).app_data(public_state.clone()).configure(routes::public)
         })
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
         .listen(public_listener)?
         .run();
         let internal = HttpServer::new(move || {
-            App::new()
-                .wrap(TracingLogger::default())
-                .app_data(state.clone())
-                .configure(routes::internal)
+            App::new().wrap(TracingLogger::default()).app_data(state.clone()).configure(routes::internal)
         })
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
         .listen(internal_listener)?
         .run();
 
-        tracing::info!(
-            public.port = public_port,
-            internal.port = internal_port,
-            "tokenvault listening"
-        );
-        Ok(Self {
-            public_port,
-            internal_port,
-            public,
-            internal,
-            pool,
-            background,
-        })
+        tracing::info!(public.port = public_port, internal.port = internal_port, "tokenvault listening");
+        Ok(Self { public_port, internal_port, public, internal, pool, background })
     }
 
     pub fn public_port(&self) -> u16 {

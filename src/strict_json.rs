@@ -101,10 +101,7 @@ mod tests {
     fn refuses_duplicate_keys_at_any_depth() {
         assert!(from_slice(br#"{"a":1,"a":2}"#).is_err());
         assert!(from_slice(br#"{"x":[{"a":1,"b":{"c":1,"c":1}}]}"#).is_err());
-        assert_eq!(
-            from_slice(br#"{"a":1,"b":[1,2]}"#).unwrap(),
-            serde_json::json!({"a":1,"b":[1,2]})
-        );
+        assert_eq!(from_slice(br#"{"a":1,"b":[1,2]}"#).unwrap(), serde_json::json!({"a":1,"b":[1,2]}));
     }
 
     #[test]

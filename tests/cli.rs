@@ -27,14 +27,8 @@ fn tokenvault_for(app: &TestApp) -> Command {
     command
         .env("DATABASE_URL", &app.database_url)
         .env("TOKENVAULT_ENCRYPTION_KEYS", &app.encryption_keys)
-        .env(
-            "TOKENVAULT_TRACKUNIT_JWKS_URL",
-            format!("{}/jwks", app.trackunit.uri()),
-        )
-        .env(
-            "TOKENVAULT_TRACKUNIT_TOKEN_URL",
-            format!("{}/apptoken", app.trackunit.uri()),
-        );
+        .env("TOKENVAULT_TRACKUNIT_JWKS_URL", format!("{}/jwks", app.trackunit.uri()))
+        .env("TOKENVAULT_TRACKUNIT_TOKEN_URL", format!("{}/apptoken", app.trackunit.uri()));
     command
 }
 
@@ -67,11 +61,7 @@ fn every_subcommand_has_help() {
 #[test]
 fn usage_errors_exit_2() {
     assert_eq!(run(tokenvault().arg("frobnicate")).status.code(), Some(2));
-    assert_eq!(
-        run(tokenvault().args(["clients", "create"])).status.code(),
-        Some(2),
-        "--name is required"
-    );
+    assert_eq!(run(tokenvault().args(["clients", "create"])).status.code(), Some(2), "--name is required");
 }
 
 #[test]
@@ -87,11 +77,7 @@ fn a_missing_or_malformed_setting_exits_1_with_one_line_naming_it() {
         .env("DATABASE_URL", "postgres://x")
         .env("TOKENVAULT_ENCRYPTION_KEYS", "k:short"));
     assert_eq!(output.status.code(), Some(1));
-    assert!(
-        text(&output.stderr).contains("TOKENVAULT_ENCRYPTION_KEYS"),
-        "{}",
-        text(&output.stderr)
-    );
+    assert!(text(&output.stderr).contains("TOKENVAULT_ENCRYPTION_KEYS"), "{}", text(&output.stderr));
 }
 
 #[test]
@@ -124,55 +110,25 @@ async fn clients_create_prints_the_key_once_and_stores_only_its_hash() {
     let key = stdout.trim().lines().last().unwrap().to_owned();
     assert!(key.starts_with("tvk_") && !key.contains(' '), "{key}");
 
-    let stored: Vec<u8> =
-        sqlx::query_scalar("select key_sha256 from api_client where name = 'billing'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(
-        stored,
-        tokenvault::domain::ServiceKey::digest(&key).to_vec()
-    );
-    assert_eq!(
-        app.token(
-            &key,
-            &json!({"account_id": "acc-1", "scopes": ["asset.view"]})
-        )
+    let stored: Vec<u8> = sqlx::query_scalar("select key_sha256 from api_client where name = 'billing'")
+        .fetch_one(&app.pool)
         .await
-        .status(),
-        200
-    );
+        .unwrap();
+    assert_eq!(stored, tokenvault::domain::ServiceKey::digest(&key).to_vec());
+    assert_eq!(app.token(&key, &json!({"account_id": "acc-1", "scopes": ["asset.view"]})).await.status(), 200);
 
     let listing = text(&run(tokenvault_for(&app).args(["clients", "list"])).stdout);
-    assert!(
-        listing.contains("billing") && !listing.contains(&key[4..]),
-        "{listing}"
-    );
+    assert!(listing.contains("billing") && !listing.contains(&key[4..]), "{listing}");
 
     let duplicate = run(tokenvault_for(&app).args(["clients", "create", "--name", "billing"]));
     assert_eq!(duplicate.status.code(), Some(1));
     assert!(text(&duplicate.stderr).contains("already exists"));
 
-    assert!(
-        run(tokenvault_for(&app).args(["clients", "revoke", "billing"]))
-            .status
-            .success()
-    );
-    assert_eq!(
-        app.token(
-            &key,
-            &json!({"account_id": "acc-1", "scopes": ["asset.view"]})
-        )
-        .await
-        .status(),
-        401
-    );
-    assert_eq!(
-        run(tokenvault_for(&app).args(["clients", "revoke", "billing"]))
-            .status
-            .code(),
-        Some(1)
-    );
+    assert!(run(tokenvault_for(&app).args(["clients", "revoke", "billing"])).status.success());
+    let body = json!({"account_id": "acc-1", "scopes": ["asset.view"]});
+    let response = eventually(|| app.token(&key, &body), |r| r.status() == 401).await;
+    assert_eq!(response.status(), 401, "the revocation reached the running server");
+    assert_eq!(run(tokenvault_for(&app).args(["clients", "revoke", "billing"])).status.code(), Some(1));
 }
 
 #[tokio::test]
@@ -182,28 +138,18 @@ async fn installations_list_shows_accounts_but_no_credentials() {
     let output = run(tokenvault_for(&app).args(["installations", "list"]));
     assert!(output.status.success());
     let stdout = text(&output.stdout);
-    assert!(
-        stdout.contains("acc-listed") && stdout.contains(APP_ID) && stdout.contains("active"),
-        "{stdout}"
-    );
-    assert!(
-        !stdout.contains(&credentials.client_id) && !stdout.contains(&credentials.client_secret)
-    );
+    assert!(stdout.contains("acc-listed") && stdout.contains(APP_ID) && stdout.contains("active"), "{stdout}");
+    assert!(!stdout.contains(&credentials.client_id) && !stdout.contains(&credentials.client_secret));
 }
 
 #[tokio::test]
 async fn migrate_applies_the_embedded_migrations_to_an_empty_database() {
     let app = spawn_app().await;
     let database = format!("tv_migrate_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!(r#"create database "{database}""#))
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    sqlx::query(&format!(r#"create database "{database}""#)).execute(&app.pool).await.unwrap();
     let mut url = url::Url::parse(&app.database_url).unwrap();
     url.set_path(&database);
-    let output = run(tokenvault_for(&app)
-        .args(["migrate"])
-        .env("DATABASE_URL", url.as_str()));
+    let output = run(tokenvault_for(&app).args(["migrate"]).env("DATABASE_URL", url.as_str()));
     assert!(output.status.success(), "{}", text(&output.stderr));
     let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
     let tables: i64 = sqlx::query_scalar(
@@ -214,21 +160,13 @@ async fn migrate_applies_the_embedded_migrations_to_an_empty_database() {
     .unwrap();
     assert_eq!(tables, 4);
     assert!(
-        run(tokenvault_for(&app)
-            .args(["migrate"])
-            .env("DATABASE_URL", url.as_str()))
-        .status
-        .success(),
+        run(tokenvault_for(&app).args(["migrate"]).env("DATABASE_URL", url.as_str())).status.success(),
         "idempotent"
     );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test]
@@ -248,13 +186,7 @@ async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
     let base = format!("http://127.0.0.1:{internal}");
     let mut up = false;
     for _ in 0..100 {
-        if app
-            .http
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
+        if app.http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
             up = true;
             break;
         }
@@ -274,21 +206,10 @@ async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
         })
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
 
-    let response = in_flight
-        .await
-        .unwrap()
-        .expect("the in-flight request was answered");
+    let response = in_flight.await.unwrap().expect("the in-flight request was answered");
     assert_eq!(response.status(), 200);
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "{status:?}");
 }

@@ -58,59 +58,27 @@ async fn no_secret_reaches_the_logs_at_trace_level() {
     assert_eq!(minted["access_token"], cached["access_token"]);
 
     // Failures log too: bad identity, bad key, malformed bodies quoting a secret, upstream refusals.
-    let refused = app
-        .callback(Some("garbage"), &installed_body("acc-2", &credentials))
-        .await;
+    let refused = app.callback(Some("garbage"), &installed_body("acc-2", &credentials)).await;
     assert_eq!(refused.status(), 401);
-    let quoting = format!(
-        r#"{{"type":"INSTALLED","clientSecret":"{}" nonsense"#,
-        credentials.client_secret
-    );
-    assert_eq!(
-        app.callback_raw(Some(&identity()), "application/json", quoting.into_bytes())
-            .await
-            .status(),
-        400
-    );
+    let quoting = format!(r#"{{"type":"INSTALLED","clientSecret":"{}" nonsense"#, credentials.client_secret);
+    assert_eq!(app.callback_raw(Some(&identity()), "application/json", quoting.into_bytes()).await.status(), 400);
     assert_eq!(app.token(&format!("{key}x"), &request).await.status(), 401);
     let other = app.install("acc-3").await;
     app.upstream.set(vec![Upstream::Fail {
         status: 401,
         body: json!({"error": "invalid_client", "error_description": other.client_secret}),
     }]);
-    assert_eq!(
-        app.token(&key, &json!({"account_id": "acc-3", "scopes": ["a"]}))
-            .await
-            .status(),
-        502
-    );
-    let listing = app
-        .http
-        .get(format!("{}/v1/installations", app.internal))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(app.token(&key, &json!({"account_id": "acc-3", "scopes": ["a"]})).await.status(), 502);
+    let listing = app.http.get(format!("{}/v1/installations", app.internal)).bearer_auth(&key).send().await.unwrap();
     assert_eq!(listing.status(), 200);
     let uninstall = json!({"type": "UNINSTALLED", "irisAppId": APP_ID, "accountId": "acc-1"});
-    assert_eq!(
-        app.callback(Some(&identity()), &uninstall).await.status(),
-        204
-    );
+    assert_eq!(app.callback(Some(&identity()), &uninstall).await.status(), 204);
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(
-        text.contains("callback handled"),
-        "the scenario was logged at all"
-    );
-    assert!(
-        text.contains("\"account.id\":\"acc-1\""),
-        "fields are captured, so a leaked field would be too"
-    );
+    assert!(text.contains("callback handled"), "the scenario was logged at all");
+    assert!(text.contains("\"account.id\":\"acc-1\""), "fields are captured, so a leaked field would be too");
     let encryption_key = app.encryption_keys.split_once(':').unwrap().1;
-    let key_bytes = base64::engine::general_purpose::STANDARD
-        .decode(encryption_key)
-        .unwrap();
+    let key_bytes = base64::engine::general_purpose::STANDARD.decode(encryption_key).unwrap();
     let secrets = [
         ("client id", credentials.client_id.as_str()),
         ("client secret", credentials.client_secret.as_str()),

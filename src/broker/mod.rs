@@ -1,11 +1,19 @@
 //! Token brokering: finds the installation a caller asks for, and hands out a token for it from the
 //! in-process cache, else the shared `token_cache` table, else one fresh upstream mint.
 //!
-//! Minting one (installation, scope set) is single-flight twice over: within the process a per-key mutex
-//! makes concurrent requests share one mint, and across processes `pg_advisory_xact_lock` on the same key
-//! makes other replicas wait and then read the token this one stored. Client secrets are decrypted only
-//! for the upstream call and never leave this module.
+//! - Single flight, twice over: within the process a per-key mutex makes concurrent requests share one
+//!   mint; across processes `pg_advisory_xact_lock` on the same key makes other replicas wait and then
+//!   read the token this one stored.
+//! - Refresh ahead: a token still in demand is replaced in the background before its remaining life
+//!   falls under the largest `min_ttl` asked of it (plus a jittered margin), so in steady state no request
+//!   waits for the upstream. A token nobody asks for is never refreshed.
+//! - Degrade gracefully: when the upstream fails, a token that is still valid keeps being served, and
+//!   the failing key backs off exponentially instead of hammering the upstream.
+//!
+//! Client secrets are decrypted only for the upstream call and never leave this module.
 
+mod backoff;
+mod entry;
 mod token;
 pub mod upstream;
 
@@ -21,7 +29,10 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use self::backoff::Backoff;
+use self::entry::Entry;
 use crate::crypto::{Aad, KeyRing, SecretField};
+use crate::directory::Directory;
 use crate::domain::ScopeSet;
 use crate::store::installation::{self, Installation, Status};
 use crate::store::token_cache::{self, CachedTokenRow};
@@ -36,9 +47,7 @@ pub enum BrokerError {
     NotInstalled,
     #[error("several active installations; app_id is required")]
     AmbiguousApp,
-    #[error(
-        "the upstream rejected this installation's credentials earlier; waiting for a new install"
-    )]
+    #[error("the upstream rejected this installation's credentials earlier; waiting for a new install")]
     PreviouslyRejected,
     #[error("the stored credentials of installation {0} cannot be decrypted")]
     CredentialsUnreadable(Uuid),
@@ -46,6 +55,17 @@ pub enum BrokerError {
     Upstream(#[from] UpstreamError),
     #[error("database error")]
     Database(#[from] sqlx::Error),
+}
+
+impl BrokerError {
+    /// A failure worth backing off from and worth serving a still-valid token through.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Upstream(UpstreamError::Unavailable { .. } | UpstreamError::Failed { .. })
+                | BrokerError::Database(_)
+        )
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -59,51 +79,58 @@ pub struct Broker {
     pool: PgPool,
     keys: Arc<KeyRing>,
     upstream: TokenEndpoint,
-    memory: Cache<CacheKey, Arc<Token>>,
+    directory: Arc<Directory>,
+    memory: Cache<CacheKey, Arc<Entry>>,
     /// One mutex per key being minted, so concurrent requests in this process share one mint.
     flights: Cache<CacheKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Keys whose last upstream attempt failed, and when they may try again.
+    backoff: Backoff<CacheKey>,
+    /// Bounds concurrent mints: each holds a pooled connection for the whole upstream call, and the
+    /// callbacks must always find a connection free.
+    mints: tokio::sync::Semaphore,
 }
 
 impl Broker {
-    pub fn new(pool: PgPool, keys: Arc<KeyRing>, upstream: TokenEndpoint) -> Self {
+    pub fn new(
+        pool: PgPool,
+        keys: Arc<KeyRing>,
+        upstream: TokenEndpoint,
+        directory: Arc<Directory>,
+        max_concurrent_mints: usize,
+    ) -> Self {
         Self {
             pool,
             keys,
             upstream,
+            directory,
             memory: Cache::builder()
                 .max_capacity(MEMORY_CAPACITY)
-                .expire_after(token::UntilExpiry)
+                .expire_after(entry::UntilExpiry)
                 .support_invalidation_closures()
                 .build(),
-            flights: Cache::builder()
-                .time_to_idle(Duration::from_secs(60))
-                .build(),
+            flights: Cache::builder().time_to_idle(Duration::from_secs(60)).build(),
+            backoff: Backoff::new(),
+            mints: tokio::sync::Semaphore::new(max_concurrent_mints.max(1)),
         }
     }
 
     /// The installation a token request is for: the one of `app_id`, or the account's only usable one.
-    pub async fn resolve(
-        &self,
-        account_id: &str,
-        app_id: Option<&str>,
-    ) -> Result<Installation, BrokerError> {
-        let usable = |i: &Installation| matches!(i.status(), Status::Active | Status::Rejected);
-        let mut candidates: Vec<Installation> =
-            installation::for_account(&self.pool, account_id, app_id)
-                .await?
-                .into_iter()
-                .filter(usable)
-                .collect();
-        match candidates.len() {
-            0 => Err(BrokerError::NotInstalled),
-            1 => Ok(candidates.remove(0)),
-            _ => Err(BrokerError::AmbiguousApp),
+    pub async fn resolve(&self, account_id: &str, app_id: Option<&str>) -> Result<Installation, BrokerError> {
+        let installations = self.directory.installations(account_id).await?;
+        let mut usable = installations
+            .iter()
+            .filter(|i| matches!(i.status(), Status::Active | Status::Rejected))
+            .filter(|i| app_id.is_none_or(|app| i.app_id == app));
+        match (usable.next(), usable.next()) {
+            (None, _) => Err(BrokerError::NotInstalled),
+            (Some(only), None) => Ok(only.clone()),
+            (Some(_), Some(_)) => Err(BrokerError::AmbiguousApp),
         }
     }
 
     /// A token for `installation` and `scopes` valid for at least `min_ttl` (see [`Token::fresh_for`]).
     pub async fn token(
-        &self,
+        self: &Arc<Self>,
         installation: &Installation,
         scopes: &ScopeSet,
         min_ttl: Duration,
@@ -116,34 +143,127 @@ impl Broker {
             credentials_version: installation.credentials_version,
             scope_key: scopes.key().into(),
         };
-        if let Some(token) = self
-            .memory
-            .get(&key)
-            .filter(|t| t.fresh_for(min_ttl, Utc::now()))
-        {
-            metrics::counter!("tokenvault_token_cache_total", "tier" => "memory").increment(1);
+        if let Some(token) = self.fresh_from_memory(&key, installation, scopes, min_ttl) {
             return Ok(token);
         }
         let flight = self.flights.get_with(key.clone(), Default::default);
         let _turn = flight.lock().await;
         // Whoever held the mutex before us may have just stored what we need.
-        if let Some(token) = self
-            .memory
-            .get(&key)
-            .filter(|t| t.fresh_for(min_ttl, Utc::now()))
-        {
-            metrics::counter!("tokenvault_token_cache_total", "tier" => "memory").increment(1);
+        if let Some(token) = self.fresh_from_memory(&key, installation, scopes, min_ttl) {
             return Ok(token);
         }
-        let token = Arc::new(
-            self.shared_or_mint(installation, &key, scopes, min_ttl)
-                .await?,
-        );
-        self.memory.insert(key, Arc::clone(&token));
-        Ok(token)
+        if let Some(retry_after) = self.backoff.remaining(&key) {
+            return self.still_valid(&key).await.ok_or(BrokerError::Upstream(UpstreamError::Unavailable {
+                retry_after,
+                reason: "backing off after upstream failures".into(),
+            }));
+        }
+        match self.shared_or_mint(installation, &key, scopes, min_ttl).await {
+            Ok((token, stored)) => {
+                self.backoff.succeeded(&key);
+                let token = Arc::new(token);
+                if stored {
+                    self.remember(key, Arc::clone(&token), min_ttl);
+                }
+                Ok(token)
+            }
+            Err(error) if error.is_transient() => {
+                let retry_in = self.backoff.failed(&key);
+                tracing::warn!(installation.id = %installation.id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "token mint failed");
+                match self.still_valid(&key).await {
+                    Some(token) => Ok(token),
+                    None => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The in-memory token if it satisfies `min_ttl`; notes the demand and starts a refresh when due.
+    fn fresh_from_memory(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        installation: &Installation,
+        scopes: &ScopeSet,
+        min_ttl: Duration,
+    ) -> Option<Arc<Token>> {
+        let entry = self.memory.get(key)?;
+        let now = Utc::now();
+        if !entry.token.fresh_for(min_ttl, now) {
+            return None;
+        }
+        metrics::counter!("tokenvault_token_cache_total", "tier" => "memory").increment(1);
+        entry.note_demand(min_ttl);
+        if entry.refresh_due(now) && entry.claim_refresh() {
+            self.spawn_refresh(key.clone(), installation.clone(), scopes.clone(), entry.refresh_target());
+        }
+        Some(Arc::clone(&entry.token))
+    }
+
+    /// Caches `token`, carrying over the demand known for the token it replaces.
+    fn remember(&self, key: CacheKey, token: Arc<Token>, min_ttl: Duration) {
+        let demand = self.memory.get(&key).map_or(min_ttl, |old| old.demand().max(min_ttl));
+        self.memory.insert(key, Arc::new(Entry::new(token, demand)));
+    }
+
+    /// Replaces a token in demand before it runs short, off the request path.
+    fn spawn_refresh(self: &Arc<Self>, key: CacheKey, installation: Installation, scopes: ScopeSet, target: Duration) {
+        let broker = Arc::clone(self);
+        tokio::spawn(async move {
+            let flight = broker.flights.get_with(key.clone(), Default::default);
+            let _turn = flight.lock().await;
+            if broker.backoff.remaining(&key).is_some() {
+                return;
+            }
+            metrics::counter!("tokenvault_token_refresh_ahead_total").increment(1);
+            match broker.shared_or_mint(&installation, &key, &scopes, target).await {
+                Ok((token, true)) => {
+                    broker.backoff.succeeded(&key);
+                    broker.remember(key, Arc::new(token), Duration::ZERO);
+                }
+                Ok((_, false)) => {}
+                Err(error) => {
+                    let retry_in = broker.backoff.failed(&key);
+                    tracing::warn!(installation.id = %installation.id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "refresh ahead failed; the current token keeps serving");
+                    if let Some(entry) = broker.memory.get(&key) {
+                        entry.release_refresh();
+                    }
+                }
+            }
+        });
+    }
+
+    /// A token that is still valid at all (memory first, then the shared table), for when the upstream
+    /// cannot mint a better one.
+    async fn still_valid(&self, key: &CacheKey) -> Option<Arc<Token>> {
+        let now = Utc::now();
+        let token = match self.memory.get(key).filter(|e| e.token.seconds_left(now) > 0) {
+            Some(entry) => Arc::clone(&entry.token),
+            None => {
+                let mut conn = self.pool.acquire().await.ok()?;
+                let row = token_cache::get(&mut conn, key.installation_id, &key.scope_key, key.credentials_version)
+                    .await
+                    .ok()??;
+                let token = Arc::new(self.open_cached(key, &row).ok()?);
+                if token.seconds_left(now) == 0 {
+                    return None;
+                }
+                token
+            }
+        };
+        tracing::warn!(installation.id = %key.installation_id, seconds_left = token.seconds_left(now), "serving a still-valid token while the upstream fails");
+        metrics::counter!("tokenvault_token_served_degraded_total").increment(1);
+        Some(token)
+    }
+
+    fn open_cached(&self, key: &CacheKey, row: &CachedTokenRow) -> Result<Token, crate::crypto::OpenError> {
+        let aad = Aad::cached_token(&key.installation_id, key.credentials_version, &key.scope_key);
+        let access_token = self.keys.open_string(&row.key_id, &row.access_token_ciphertext, &aad)?;
+        Ok(Token::from_row(access_token, row))
     }
 
     /// Under the cross-process lock: the token another replica stored, or a fresh mint stored for all.
+    /// Returns whether the token is in the shared table (it is not when the installation changed meanwhile).
     #[tracing::instrument(skip_all, fields(installation.id = %installation.id))]
     async fn shared_or_mint(
         &self,
@@ -151,38 +271,21 @@ impl Broker {
         key: &CacheKey,
         scopes: &ScopeSet,
         min_ttl: Duration,
-    ) -> Result<Token, BrokerError> {
+    ) -> Result<(Token, bool), BrokerError> {
+        let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
         let mut tx = self.pool.begin().await?;
         token_cache::lock_key(&mut tx, key.installation_id, &key.scope_key).await?;
-        let aad = Aad::cached_token(
-            &key.installation_id,
-            key.credentials_version,
-            &key.scope_key,
-        );
-        if let Some(row) = token_cache::get(
-            &mut tx,
-            key.installation_id,
-            &key.scope_key,
-            key.credentials_version,
-        )
-        .await?
+        if let Some(row) =
+            token_cache::get(&mut tx, key.installation_id, &key.scope_key, key.credentials_version).await?
         {
-            match self
-                .keys
-                .open_string(&row.key_id, &row.access_token_ciphertext, &aad)
-            {
-                Ok(access_token) => {
-                    let token = Token::from_row(access_token, &row);
-                    if token.fresh_for(min_ttl, Utc::now()) {
-                        tx.commit().await?;
-                        metrics::counter!("tokenvault_token_cache_total", "tier" => "database")
-                            .increment(1);
-                        return Ok(token);
-                    }
+            match self.open_cached(key, &row) {
+                Ok(token) if token.fresh_for(min_ttl, Utc::now()) => {
+                    tx.commit().await?;
+                    metrics::counter!("tokenvault_token_cache_total", "tier" => "database").increment(1);
+                    return Ok((token, true));
                 }
-                Err(error) => {
-                    tracing::warn!(error = %error, "cached token unreadable; minting a new one")
-                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = %error, "cached token unreadable; minting a new one"),
             }
         }
 
@@ -191,24 +294,17 @@ impl Broker {
         let minted = match self.upstream.mint(&client_id, &client_secret, scopes).await {
             Ok(minted) => minted,
             Err(UpstreamError::InvalidClient) => {
-                installation::mark_rejected(
-                    &mut tx,
-                    installation.id,
-                    installation.credentials_version,
-                )
-                .await?;
+                installation::mark_rejected(&mut tx, installation.id, installation.credentials_version).await?;
                 tx.commit().await?;
-                tracing::warn!(
-                    "upstream rejected the client credentials; installation marked rejected"
-                );
+                self.directory.forget_account(&installation.account_id);
+                tracing::warn!("upstream rejected the client credentials; installation marked rejected");
                 return Err(UpstreamError::InvalidClient.into());
             }
             Err(error) => return Err(error.into()),
         };
         let token = Token::from_minted(minted, scopes);
-        let sealed = self
-            .keys
-            .seal(token.access_token.expose_secret().as_bytes(), &aad);
+        let aad = Aad::cached_token(&key.installation_id, key.credentials_version, &key.scope_key);
+        let sealed = self.keys.seal(token.access_token.expose_secret().as_bytes(), &aad);
         let row = CachedTokenRow {
             key_id: sealed.key_id.as_str().to_owned(),
             access_token_ciphertext: sealed.bytes,
@@ -217,16 +313,10 @@ impl Broker {
             issued_at: token.issued_at,
             expires_at: token.expires_at,
         };
-        token_cache::put(
-            &mut tx,
-            key.installation_id,
-            &key.scope_key,
-            key.credentials_version,
-            &row,
-        )
-        .await?;
+        let stored =
+            token_cache::put(&mut tx, key.installation_id, &key.scope_key, key.credentials_version, &row).await?;
         tx.commit().await?;
-        Ok(token)
+        Ok((token, stored))
     }
 
     fn open_credentials(
@@ -249,17 +339,18 @@ impl Broker {
                     unreadable()
                 })
         };
-        Ok((
-            open(id_sealed, SecretField::ClientId)?,
-            open(secret_sealed, SecretField::ClientSecret)?,
-        ))
+        Ok((open(id_sealed, SecretField::ClientId)?, open(secret_sealed, SecretField::ClientSecret)?))
     }
 
     /// Drops every in-memory token of an installation (its credentials changed or were erased).
     pub fn forget(&self, installation_id: Uuid) {
         // Only fails when invalidation closures are not enabled, and they are.
-        let _ = self
-            .memory
-            .invalidate_entries_if(move |key, _| key.installation_id == installation_id);
+        let _ = self.memory.invalidate_entries_if(move |key, _| key.installation_id == installation_id);
+    }
+
+    /// How many tokens are held in memory (for the benchmark and metrics).
+    pub fn cached_tokens(&self) -> u64 {
+        self.memory.run_pending_tasks();
+        self.memory.entry_count()
     }
 }

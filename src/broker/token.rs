@@ -51,32 +51,19 @@ impl Token {
     /// token's whole lifetime gets it while at least half its life is left: otherwise a `min_ttl` longer
     /// than the upstream's tokens live would mint on every request.
     pub fn fresh_for(&self, min_ttl: Duration, now: DateTime<Utc>) -> bool {
-        let lifetime = (self.expires_at - self.issued_at)
-            .to_std()
-            .unwrap_or_default();
+        let lifetime = (self.expires_at - self.issued_at).to_std().unwrap_or_default();
         let needed = min_ttl.min(lifetime / 2);
-        (self.expires_at - now)
-            .to_std()
-            .is_ok_and(|left| left >= needed && left > Duration::ZERO)
+        (self.expires_at - now).to_std().is_ok_and(|left| left >= needed && left > Duration::ZERO)
+    }
+
+    /// From minting to expiry.
+    pub fn lifetime(&self) -> Duration {
+        (self.expires_at - self.issued_at).to_std().unwrap_or_default()
     }
 
     /// Whole seconds left at `now` (0 once expired).
     pub fn seconds_left(&self, now: DateTime<Utc>) -> i64 {
         (self.expires_at - now).num_seconds().max(0)
-    }
-}
-
-/// Evicts a cached token from memory when it expires.
-pub(super) struct UntilExpiry;
-
-impl moka::Expiry<super::CacheKey, std::sync::Arc<Token>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &super::CacheKey,
-        token: &std::sync::Arc<Token>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some((token.expires_at - Utc::now()).to_std().unwrap_or_default())
     }
 }
 
@@ -101,10 +88,7 @@ mod tests {
         let at = |secs| t.issued_at + chrono::Duration::seconds(secs);
         assert!(t.fresh_for(Duration::from_secs(60), at(3540)));
         assert!(!t.fresh_for(Duration::from_secs(60), at(3541)));
-        assert!(
-            !t.fresh_for(Duration::ZERO, at(3600)),
-            "an expired token is never fresh"
-        );
+        assert!(!t.fresh_for(Duration::ZERO, at(3600)), "an expired token is never fresh");
     }
 
     #[test]
@@ -117,10 +101,7 @@ mod tests {
 
     #[test]
     fn debug_hides_the_access_token() {
-        let t = Token {
-            access_token: SecretString::from("tok-s3cret"),
-            ..token(60)
-        };
+        let t = Token { access_token: SecretString::from("tok-s3cret"), ..token(60) };
         assert!(!format!("{t:?}").contains("s3cret"));
     }
 }

@@ -77,19 +77,13 @@ pub enum UpstreamError {
     #[error("the upstream failed: {reason} (after {attempts} attempts)")]
     Failed { attempts: u32, reason: String },
     #[error("the upstream could not be reached or is rate-limiting: {reason}")]
-    Unavailable {
-        retry_after: Duration,
-        reason: String,
-    },
+    Unavailable { retry_after: Duration, reason: String },
 }
 
 /// What one attempt tells the retry loop.
 enum Attempt {
     Done(Result<MintedToken, UpstreamError>),
-    Retry {
-        error: UpstreamError,
-        retry_after: Option<Duration>,
-    },
+    Retry { error: UpstreamError, retry_after: Option<Duration> },
 }
 
 pub struct TokenEndpoint {
@@ -124,8 +118,7 @@ impl TokenEndpoint {
         loop {
             let started = std::time::Instant::now();
             let outcome = self.attempt(client_id, client_secret, &scope).await;
-            metrics::histogram!("tokenvault_upstream_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("tokenvault_upstream_duration_seconds").record(started.elapsed().as_secs_f64());
             tracing::Span::current().record("upstream.attempts", attempt);
             let (error, retry_after) = match outcome {
                 Attempt::Done(result) => return result,
@@ -135,14 +128,10 @@ impl TokenEndpoint {
             let waited_too_long = retry_after.is_some_and(|r| r > LONGEST_INLINE_RETRY_AFTER);
             if attempt >= self.max_attempts || waited_too_long {
                 return Err(match error {
-                    UpstreamError::Failed { reason, .. } => UpstreamError::Failed {
-                        attempts: attempt,
-                        reason,
-                    },
-                    UpstreamError::Unavailable { reason, .. } => UpstreamError::Unavailable {
-                        retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
-                        reason,
-                    },
+                    UpstreamError::Failed { reason, .. } => UpstreamError::Failed { attempts: attempt, reason },
+                    UpstreamError::Unavailable { reason, .. } => {
+                        UpstreamError::Unavailable { retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER), reason }
+                    }
                     other => other,
                 });
             }
@@ -158,12 +147,7 @@ impl TokenEndpoint {
         exponential + Duration::from_millis(jitter_ms)
     }
 
-    async fn attempt(
-        &self,
-        client_id: &SecretString,
-        client_secret: &SecretString,
-        scope: &str,
-    ) -> Attempt {
+    async fn attempt(&self, client_id: &SecretString, client_secret: &SecretString, scope: &str) -> Attempt {
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", client_id.expose_secret()),
@@ -181,8 +165,7 @@ impl TokenEndpoint {
             Ok(response) => response,
             // A timeout is not retried: the caller has already waited the whole timeout once.
             Err(error) if error.is_timeout() => {
-                metrics::counter!("tokenvault_upstream_requests_total", "outcome" => "timeout")
-                    .increment(1);
+                metrics::counter!("tokenvault_upstream_requests_total", "outcome" => "timeout").increment(1);
                 return Attempt::Done(Err(UpstreamError::Unavailable {
                     retry_after: DEFAULT_RETRY_AFTER,
                     reason: "timed out".into(),
@@ -216,39 +199,27 @@ impl TokenEndpoint {
             return Attempt::Retry { error, retry_after };
         }
         if status.is_server_error() {
-            let error = UpstreamError::Failed {
-                attempts: 0,
-                reason: format!("HTTP {}", status.as_u16()),
-            };
+            let error = UpstreamError::Failed { attempts: 0, reason: format!("HTTP {}", status.as_u16()) };
             return Attempt::Retry { error, retry_after };
         }
         let body = match body {
             Ok(body) => body,
             Err(error) => {
-                return Attempt::Done(Err(UpstreamError::Failed {
-                    attempts: 1,
-                    reason: error.to_string(),
-                }));
+                return Attempt::Done(Err(UpstreamError::Failed { attempts: 1, reason: error.to_string() }));
             }
         };
         if status.is_success() {
-            return Attempt::Done(parse_reply(&body, &self.profile, Utc::now()).map_err(
-                |reason| UpstreamError::Failed {
-                    attempts: 1,
-                    reason: reason.into(),
-                },
-            ));
+            return Attempt::Done(
+                parse_reply(&body, &self.profile, Utc::now())
+                    .map_err(|reason| UpstreamError::Failed { attempts: 1, reason: reason.into() }),
+            );
         }
         Attempt::Done(Err(classify_refusal(status.as_u16(), &body)))
     }
 }
 
 fn connection_reason(error: &reqwest::Error) -> String {
-    if error.is_connect() {
-        "connection failed".into()
-    } else {
-        "request failed".into()
-    }
+    if error.is_connect() { "connection failed".into() } else { "request failed".into() }
 }
 
 /// Maps an RFC 6749 §5.2 error response. Only the `error` code is read: `error_description` is free text
@@ -261,25 +232,15 @@ fn classify_refusal(status: u16, body: &[u8]) -> UpstreamError {
         Some("invalid_client") => UpstreamError::InvalidClient,
         Some("invalid_scope") => UpstreamError::InvalidScope,
         Some(other) if other.len() <= 64 && other.bytes().all(|b| b.is_ascii_graphic()) => {
-            UpstreamError::Rejected {
-                status,
-                error: other.to_owned(),
-            }
+            UpstreamError::Rejected { status, error: other.to_owned() }
         }
-        _ => UpstreamError::Rejected {
-            status,
-            error: "no error code".into(),
-        },
+        _ => UpstreamError::Rejected { status, error: "no error code".into() },
     }
 }
 
 /// Reads a successful token reply. Expiry comes from `expires_in`, else from the access token's JWT `exp`,
 /// else the profile's default lifetime.
-pub fn parse_reply(
-    body: &[u8],
-    profile: &ProviderProfile,
-    now: DateTime<Utc>,
-) -> Result<MintedToken, &'static str> {
+pub fn parse_reply(body: &[u8], profile: &ProviderProfile, now: DateTime<Utc>) -> Result<MintedToken, &'static str> {
     let reply = crate::strict_json::from_slice(body).map_err(|_| "the token reply is not JSON")?;
     let fields = &profile.reply;
     let access_token = reply
@@ -287,24 +248,13 @@ pub fn parse_reply(
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty())
         .ok_or("the token reply has no access token")?;
-    let token_type = reply
-        .get(&fields.token_type)
-        .and_then(Value::as_str)
-        .unwrap_or("Bearer")
-        .to_owned();
-    let scope = reply
-        .get(&fields.scope)
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let token_type = reply.get(&fields.token_type).and_then(Value::as_str).unwrap_or("Bearer").to_owned();
+    let scope = reply.get(&fields.scope).and_then(Value::as_str).map(str::to_owned);
     let lifetime_secs = match reply.get(&fields.expires_in) {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(n.as_i64().ok_or("expires_in is not a whole number")?),
         // Some providers send the number as a string.
-        Some(Value::String(s)) => Some(
-            s.trim()
-                .parse::<i64>()
-                .map_err(|_| "expires_in is not a number")?,
-        ),
+        Some(Value::String(s)) => Some(s.trim().parse::<i64>().map_err(|_| "expires_in is not a number")?),
         Some(_) => return Err("expires_in is not a number"),
     };
     let expires_at = match lifetime_secs {
@@ -312,9 +262,7 @@ pub fn parse_reply(
         Some(_) => return Err("expires_in is not positive"),
         None => jwt_expiry(access_token)
             .filter(|exp| *exp > now)
-            .unwrap_or_else(|| {
-                now + chrono::Duration::from_std(profile.default_lifetime).unwrap_or_default()
-            }),
+            .unwrap_or_else(|| now + chrono::Duration::from_std(profile.default_lifetime).unwrap_or_default()),
     };
     Ok(MintedToken {
         access_token: SecretString::from(access_token.to_owned()),
@@ -344,8 +292,7 @@ mod tests {
 
     #[test]
     fn reads_a_standard_reply() {
-        let body =
-            br#"{"access_token":"tok","token_type":"Bearer","expires_in":3600,"scope":"a b"}"#;
+        let body = br#"{"access_token":"tok","token_type":"Bearer","expires_in":3600,"scope":"a b"}"#;
         let token = parse_reply(body, &ProviderProfile::trackunit(), now()).unwrap();
         assert_eq!(token.access_token.expose_secret(), "tok");
         assert_eq!((token.expires_at - now()).num_seconds(), 3600);
@@ -358,12 +305,7 @@ mod tests {
         let body = format!(r#"{{"access_token":"h.{claims}.s"}}"#);
         let token = parse_reply(body.as_bytes(), &ProviderProfile::trackunit(), now()).unwrap();
         assert_eq!((token.expires_at - now()).num_seconds(), 900);
-        let opaque = parse_reply(
-            br#"{"access_token":"opaque"}"#,
-            &ProviderProfile::trackunit(),
-            now(),
-        )
-        .unwrap();
+        let opaque = parse_reply(br#"{"access_token":"opaque"}"#, &ProviderProfile::trackunit(), now()).unwrap();
         assert_eq!((opaque.expires_at - now()).num_seconds(), 300);
     }
 
@@ -385,18 +327,9 @@ mod tests {
 
     #[test]
     fn refusals_are_classified_by_their_error_code() {
-        assert!(matches!(
-            classify_refusal(401, br#"{"error":"invalid_client"}"#),
-            UpstreamError::InvalidClient
-        ));
-        assert!(matches!(
-            classify_refusal(400, br#"{"error":"invalid_scope"}"#),
-            UpstreamError::InvalidScope
-        ));
-        assert!(matches!(
-            classify_refusal(400, b"<html>"),
-            UpstreamError::Rejected { status: 400, .. }
-        ));
+        assert!(matches!(classify_refusal(401, br#"{"error":"invalid_client"}"#), UpstreamError::InvalidClient));
+        assert!(matches!(classify_refusal(400, br#"{"error":"invalid_scope"}"#), UpstreamError::InvalidScope));
+        assert!(matches!(classify_refusal(400, b"<html>"), UpstreamError::Rejected { status: 400, .. }));
     }
 
     #[test]

@@ -23,21 +23,11 @@ pub struct Aad(Vec<u8>);
 impl Aad {
     /// For a client credential of the installation `(app_id, account_id)`.
     pub fn installation(app_id: &str, account_id: &str, field: SecretField) -> Self {
-        Self::from_parts(&[
-            "tokenvault/v1",
-            "installation",
-            field.label(),
-            app_id,
-            account_id,
-        ])
+        Self::from_parts(&["tokenvault/v1", "installation", field.label(), app_id, account_id])
     }
 
     /// For a cached access token of an installation, its credentials version and scope set.
-    pub fn cached_token(
-        installation_id: &uuid::Uuid,
-        credentials_version: i64,
-        scope_key: &str,
-    ) -> Self {
+    pub fn cached_token(installation_id: &uuid::Uuid, credentials_version: i64, scope_key: &str) -> Self {
         Self::from_parts(&[
             "tokenvault/v1",
             "token_cache",

@@ -59,34 +59,19 @@ impl KeyRing {
     pub fn parse(spec: &str) -> Result<Self, KeyRingError> {
         let mut ids = Vec::new();
         let mut ciphers = HashMap::new();
-        for (index, entry) in spec
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .enumerate()
-        {
+        for (index, entry) in spec.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
             let position = index + 1;
-            let (id, encoded) = entry
-                .split_once(':')
-                .ok_or(KeyRingError::NotIdColonKey(position))?;
-            let id_ok = (1..=32).contains(&id.len())
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            let (id, encoded) = entry.split_once(':').ok_or(KeyRingError::NotIdColonKey(position))?;
+            let id_ok =
+                (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
             if !id_ok {
                 return Err(KeyRingError::BadId(position));
             }
             let bytes = zeroize::Zeroizing::new(
-                STANDARD
-                    .decode(encoded.trim())
-                    .map_err(|_| KeyRingError::NotBase64(position, id.to_owned()))?,
+                STANDARD.decode(encoded.trim()).map_err(|_| KeyRingError::NotBase64(position, id.to_owned()))?,
             );
             if bytes.len() != 32 {
-                return Err(KeyRingError::WrongLength(
-                    position,
-                    id.to_owned(),
-                    bytes.len(),
-                ));
+                return Err(KeyRingError::WrongLength(position, id.to_owned(), bytes.len()));
             }
             let key_id = KeyId(id.to_owned());
             let cipher = Aes256Gcm::new_from_slice(&bytes).expect("length checked above");
@@ -96,11 +81,7 @@ impl KeyRing {
             ids.push(key_id);
         }
         let primary = ids.first().cloned().ok_or(KeyRingError::Empty)?;
-        Ok(Self {
-            primary,
-            ids,
-            ciphers,
-        })
+        Ok(Self { primary, ids, ciphers })
     }
 
     /// The key that seals new values.
@@ -127,10 +108,7 @@ impl KeyRing {
 
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyRing")
-            .field("primary", &self.primary)
-            .field("ids", &self.ids)
-            .finish_non_exhaustive()
+        f.debug_struct("KeyRing").field("primary", &self.primary).field("ids", &self.ids).finish_non_exhaustive()
     }
 }
 
@@ -152,35 +130,17 @@ mod tests {
         assert_eq!(ring.primary_id().as_str(), "a");
         assert!(ring.contains("b"));
         let debug = format!("{ring:?}");
-        assert!(
-            debug.contains("\"a\"") && !debug.contains(&key[..12]),
-            "{debug}"
-        );
+        assert!(debug.contains("\"a\"") && !debug.contains(&key[..12]), "{debug}");
     }
 
     #[test]
     fn malformed_specs_are_refused_with_a_reason() {
         let key = generate_key();
         assert_eq!(KeyRing::parse("").unwrap_err(), KeyRingError::Empty);
-        assert_eq!(
-            KeyRing::parse("nocolon").unwrap_err(),
-            KeyRingError::NotIdColonKey(1)
-        );
-        assert_eq!(
-            KeyRing::parse(&format!("bad id:{key}")).unwrap_err(),
-            KeyRingError::BadId(1)
-        );
-        assert_eq!(
-            KeyRing::parse("a:!!!").unwrap_err(),
-            KeyRingError::NotBase64(1, "a".into())
-        );
-        assert_eq!(
-            KeyRing::parse("a:AAAA").unwrap_err(),
-            KeyRingError::WrongLength(1, "a".into(), 3)
-        );
-        assert_eq!(
-            KeyRing::parse(&format!("a:{key},a:{key}")).unwrap_err(),
-            KeyRingError::DuplicateId("a".into())
-        );
+        assert_eq!(KeyRing::parse("nocolon").unwrap_err(), KeyRingError::NotIdColonKey(1));
+        assert_eq!(KeyRing::parse(&format!("bad id:{key}")).unwrap_err(), KeyRingError::BadId(1));
+        assert_eq!(KeyRing::parse("a:!!!").unwrap_err(), KeyRingError::NotBase64(1, "a".into()));
+        assert_eq!(KeyRing::parse("a:AAAA").unwrap_err(), KeyRingError::WrongLength(1, "a".into(), 3));
+        assert_eq!(KeyRing::parse(&format!("a:{key},a:{key}")).unwrap_err(), KeyRingError::DuplicateId("a".into()));
     }
 }

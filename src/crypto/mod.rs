@@ -26,10 +26,7 @@ pub struct Sealed {
 
 impl std::fmt::Debug for Sealed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealed")
-            .field("key_id", &self.key_id)
-            .field("len", &self.bytes.len())
-            .finish()
+        f.debug_struct("Sealed").field("key_id", &self.key_id).field("len", &self.bytes.len()).finish()
     }
 }
 
@@ -50,63 +47,33 @@ impl KeyRing {
         let (key_id, cipher) = self.primary();
         let nonce = aes_gcm::Aes256Gcm::generate_nonce(&mut OsRng);
         let ciphertext = cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: aad.as_bytes(),
-                },
-            )
+            .encrypt(&nonce, Payload { msg: plaintext, aad: aad.as_bytes() })
             // AES-GCM encryption only fails for plaintexts over 64 GiB; ours are a few hundred bytes.
-            .unwrap_or_else(|_| {
-                unreachable!("AES-GCM refused a plaintext of {} bytes", plaintext.len())
-            });
+            .unwrap_or_else(|_| unreachable!("AES-GCM refused a plaintext of {} bytes", plaintext.len()));
         let mut bytes = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         bytes.extend_from_slice(&nonce);
         bytes.extend_from_slice(&ciphertext);
-        Sealed {
-            key_id: key_id.clone(),
-            bytes,
-        }
+        Sealed { key_id: key_id.clone(), bytes }
     }
 
     /// Opens a value sealed by [`seal`](Self::seal) under any key of the ring. The plaintext is zeroized on drop.
-    pub fn open(
-        &self,
-        key_id: &str,
-        sealed: &[u8],
-        aad: &Aad,
-    ) -> Result<SecretBox<Vec<u8>>, OpenError> {
-        let cipher = self
-            .get(key_id)
-            .ok_or_else(|| OpenError::UnknownKey(key_id.to_owned()))?;
+    pub fn open(&self, key_id: &str, sealed: &[u8], aad: &Aad) -> Result<SecretBox<Vec<u8>>, OpenError> {
+        let cipher = self.get(key_id).ok_or_else(|| OpenError::UnknownKey(key_id.to_owned()))?;
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return Err(OpenError::Truncated);
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
         cipher
-            .decrypt(
-                nonce.into(),
-                Payload {
-                    msg: ciphertext,
-                    aad: aad.as_bytes(),
-                },
-            )
+            .decrypt(nonce.into(), Payload { msg: ciphertext, aad: aad.as_bytes() })
             .map(|plain| SecretBox::new(Box::new(plain)))
             .map_err(|_| OpenError::Unauthentic)
     }
 
     /// Opens a sealed UTF-8 string (a client id, secret or access token).
-    pub fn open_string(
-        &self,
-        key_id: &str,
-        sealed: &[u8],
-        aad: &Aad,
-    ) -> Result<secrecy::SecretString, OpenError> {
+    pub fn open_string(&self, key_id: &str, sealed: &[u8], aad: &Aad) -> Result<secrecy::SecretString, OpenError> {
         use secrecy::ExposeSecret;
         let plain = self.open(key_id, sealed, aad)?;
-        let text =
-            std::str::from_utf8(plain.expose_secret()).map_err(|_| OpenError::Unauthentic)?;
+        let text = std::str::from_utf8(plain.expose_secret()).map_err(|_| OpenError::Unauthentic)?;
         Ok(secrecy::SecretString::from(text.to_owned()))
     }
 }
@@ -136,27 +103,16 @@ mod tests {
         let b = keys.seal(b"s3cret", &aad("acc-1"));
         assert_eq!(a.key_id.as_str(), "new");
         assert_ne!(a.bytes, b.bytes, "two seals of one plaintext must differ");
-        assert_eq!(
-            keys.open("new", &a.bytes, &aad("acc-1"))
-                .unwrap()
-                .expose_secret(),
-            b"s3cret"
-        );
+        assert_eq!(keys.open("new", &a.bytes, &aad("acc-1")).unwrap().expose_secret(), b"s3cret");
     }
 
     #[test]
     fn a_ciphertext_moved_to_another_row_or_field_does_not_open() {
         let keys = ring(&two_key_spec());
         let sealed = keys.seal(b"s3cret", &aad("acc-1"));
-        assert_eq!(
-            keys.open("new", &sealed.bytes, &aad("acc-2")).unwrap_err(),
-            OpenError::Unauthentic
-        );
+        assert_eq!(keys.open("new", &sealed.bytes, &aad("acc-2")).unwrap_err(), OpenError::Unauthentic);
         let other_field = Aad::installation("@org/app", "acc-1", SecretField::ClientId);
-        assert_eq!(
-            keys.open("new", &sealed.bytes, &other_field).unwrap_err(),
-            OpenError::Unauthentic
-        );
+        assert_eq!(keys.open("new", &sealed.bytes, &other_field).unwrap_err(), OpenError::Unauthentic);
     }
 
     #[test]
@@ -164,19 +120,9 @@ mod tests {
         let spec = two_key_spec();
         let keys = ring(&spec);
         let sealed = keys.seal(b"s3cret", &aad("acc-1"));
-        assert_eq!(
-            keys.open("old", &sealed.bytes, &aad("acc-1")).unwrap_err(),
-            OpenError::Unauthentic
-        );
-        assert_eq!(
-            keys.open("gone", &sealed.bytes, &aad("acc-1")).unwrap_err(),
-            OpenError::UnknownKey("gone".into())
-        );
-        assert_eq!(
-            keys.open("new", &sealed.bytes[..20], &aad("acc-1"))
-                .unwrap_err(),
-            OpenError::Truncated
-        );
+        assert_eq!(keys.open("old", &sealed.bytes, &aad("acc-1")).unwrap_err(), OpenError::Unauthentic);
+        assert_eq!(keys.open("gone", &sealed.bytes, &aad("acc-1")).unwrap_err(), OpenError::UnknownKey("gone".into()));
+        assert_eq!(keys.open("new", &sealed.bytes[..20], &aad("acc-1")).unwrap_err(), OpenError::Truncated);
     }
 
     #[test]
@@ -186,13 +132,7 @@ mod tests {
         let sealed = before.seal(b"s3cret", &aad("acc-1"));
         let (old, new) = old_first.split_once(',').unwrap();
         let after = ring(&format!("{new},{old}"));
-        assert_eq!(
-            after
-                .open("old", &sealed.bytes, &aad("acc-1"))
-                .unwrap()
-                .expose_secret(),
-            b"s3cret"
-        );
+        assert_eq!(after.open("old", &sealed.bytes, &aad("acc-1")).unwrap().expose_secret(), b"s3cret");
     }
 
     proptest! {

@@ -65,9 +65,6 @@ mod tests {
         assert_eq!(TextField::parse("a".repeat(257)), Err(FieldError::TooLong));
         assert_eq!(TextField::parse("a\0b"), Err(FieldError::ControlCharacter));
         assert_eq!(TextField::parse("a\nb"), Err(FieldError::ControlCharacter));
-        assert!(
-            TextField::parse("é".repeat(256)).is_ok(),
-            "the limit counts characters, not bytes"
-        );
+        assert!(TextField::parse("é".repeat(256)).is_ok(), "the limit counts characters, not bytes");
     }
 }

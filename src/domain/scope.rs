@@ -11,9 +11,7 @@ pub enum ScopeError {
     Empty,
     #[error("a scope must be at most {MAX_SCOPE_CHARS} characters")]
     TooLong,
-    #[error(
-        "a scope may only hold printable ASCII other than space, '\"' and '\\' (RFC 6749 section 3.3)"
-    )]
+    #[error("a scope may only hold printable ASCII other than space, '\"' and '\\' (RFC 6749 section 3.3)")]
     InvalidCharacter,
     #[error("at least one scope is required")]
     NoScopes,
@@ -103,26 +101,16 @@ mod tests {
     #[test]
     fn refuses_separators_inside_one_scope() {
         for bad in ["a b", "a\nb", "a\tb", "a\"b", "a\\b", "é"] {
-            assert_eq!(
-                Scope::parse(bad),
-                Err(ScopeError::InvalidCharacter),
-                "{bad:?}"
-            );
+            assert_eq!(Scope::parse(bad), Err(ScopeError::InvalidCharacter), "{bad:?}");
         }
-        assert!(
-            Scope::parse("a,b").is_ok(),
-            "a comma is a legal scope character"
-        );
+        assert!(Scope::parse("a,b").is_ok(), "a comma is a legal scope character");
     }
 
     #[test]
     fn refuses_empty_and_oversized_sets() {
         assert_eq!(ScopeSet::parse([]), Err(ScopeError::NoScopes));
         let many: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
-        assert_eq!(
-            ScopeSet::parse(many.iter().map(String::as_str)),
-            Err(ScopeError::TooMany)
-        );
+        assert_eq!(ScopeSet::parse(many.iter().map(String::as_str)), Err(ScopeError::TooMany));
     }
 
     proptest! {

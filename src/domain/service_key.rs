@@ -17,10 +17,7 @@ impl ServiceKey {
     pub fn generate() -> Self {
         let mut bytes = zeroize::Zeroizing::new([0_u8; 32]);
         OsRng.fill_bytes(bytes.as_mut());
-        Self(SecretString::from(format!(
-            "{SERVICE_KEY_PREFIX}{}",
-            URL_SAFE_NO_PAD.encode(bytes.as_ref())
-        )))
+        Self(SecretString::from(format!("{SERVICE_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes.as_ref()))))
     }
 
     pub fn expose(&self) -> &str {

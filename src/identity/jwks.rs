@@ -92,11 +92,9 @@ impl KeySet {
     /// The key named `kid`; a token without `kid` may only use a set of exactly one key.
     pub(super) fn find(&self, kid: Option<&str>) -> Lookup<'_> {
         match kid {
-            Some(kid) => self
-                .keys
-                .iter()
-                .find(|k| k.kid.as_deref() == Some(kid))
-                .map_or(Lookup::Unknown, Lookup::Found),
+            Some(kid) => {
+                self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)).map_or(Lookup::Unknown, Lookup::Found)
+            }
             None => match self.keys.as_slice() {
                 [only] => Lookup::Found(only),
                 [] => Lookup::Unknown,
@@ -123,12 +121,9 @@ pub enum JwksError {
 /// Parses a JWKS document (RFC 7517 §5), keeping only keys we can use safely. Unusable keys (unknown `kty`,
 /// `use` other than `sig`, RSA under 2048 bits, curves we do not support) are skipped with a warning.
 pub fn parse_jwks(bytes: &[u8]) -> Result<KeySet, JwksError> {
-    let document =
-        crate::strict_json::from_slice(bytes).map_err(|e| JwksError::Invalid(e.to_string()))?;
-    let entries = document
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or_else(|| JwksError::Invalid("no `keys` array".into()))?;
+    let document = crate::strict_json::from_slice(bytes).map_err(|e| JwksError::Invalid(e.to_string()))?;
+    let entries =
+        document.get("keys").and_then(Value::as_array).ok_or_else(|| JwksError::Invalid("no `keys` array".into()))?;
     let mut keys: Vec<VerificationKey> = Vec::new();
     for (index, entry) in entries.iter().take(MAX_KEYS).enumerate() {
         match parse_key(entry) {
@@ -151,9 +146,7 @@ fn parse_key(entry: &Value) -> Result<VerificationKey, &'static str> {
         return Err("`use` is not \"sig\"");
     }
     if let Some(ops) = entry.get("key_ops") {
-        let verifies = ops
-            .as_array()
-            .is_some_and(|ops| ops.iter().any(|op| op.as_str() == Some("verify")));
+        let verifies = ops.as_array().is_some_and(|ops| ops.iter().any(|op| op.as_str() == Some("verify")));
         if !verifies {
             return Err("`key_ops` does not include \"verify\"");
         }
@@ -173,9 +166,7 @@ fn parse_key(entry: &Value) -> Result<VerificationKey, &'static str> {
     };
     let component = |name: &str| -> Result<Vec<u8>, &'static str> {
         let value = text(name).ok_or("a key component is missing")?;
-        URL_SAFE_NO_PAD
-            .decode(value)
-            .map_err(|_| "a key component is not base64url")
+        URL_SAFE_NO_PAD.decode(value).map_err(|_| "a key component is not base64url")
     };
     let (key_type, key) = match (text("kty"), text("crv")) {
         (Some("RSA"), _) => {
@@ -184,17 +175,10 @@ fn parse_key(entry: &Value) -> Result<VerificationKey, &'static str> {
             if rsa_bits(&modulus) < MIN_RSA_BITS {
                 return Err("RSA key under 2048 bits refused");
             }
-            (
-                KeyType::Rsa,
-                DecodingKey::from_rsa_raw_components(&modulus, &exponent),
-            )
+            (KeyType::Rsa, DecodingKey::from_rsa_raw_components(&modulus, &exponent))
         }
         (Some("EC"), Some(curve @ ("P-256" | "P-384"))) => {
-            let (key_type, len) = if curve == "P-256" {
-                (KeyType::EcP256, 32)
-            } else {
-                (KeyType::EcP384, 48)
-            };
+            let (key_type, len) = if curve == "P-256" { (KeyType::EcP256, 32) } else { (KeyType::EcP384, 48) };
             let (x, y) = (component("x")?, component("y")?);
             if x.len() != len || y.len() != len {
                 return Err("EC coordinates have the wrong length for the curve");
@@ -211,12 +195,7 @@ fn parse_key(entry: &Value) -> Result<VerificationKey, &'static str> {
         }
         _ => return Err("unsupported kty or crv"),
     };
-    let key = VerificationKey {
-        kid,
-        key_type,
-        declared_alg,
-        key,
-    };
+    let key = VerificationKey { kid, key_type, declared_alg, key };
     if let Some(alg) = declared_alg
         && !key.accepts(alg)
     {
@@ -259,11 +238,7 @@ impl JwksCache {
     }
 
     pub fn current(&self) -> Option<Arc<KeySet>> {
-        self.current
-            .read()
-            .expect("JWKS lock poisoned")
-            .as_ref()
-            .map(|l| Arc::clone(&l.keys))
+        self.current.read().expect("JWKS lock poisoned").as_ref().map(|l| Arc::clone(&l.keys))
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -300,20 +275,13 @@ impl JwksCache {
         let result = self.fetch().await;
         match &result {
             Ok((keys, max_age)) => {
-                tracing::info!(
-                    jwks.keys = keys.len(),
-                    jwks.max_age_s = max_age.as_secs(),
-                    "JWKS loaded"
-                );
+                tracing::info!(jwks.keys = keys.len(), jwks.max_age_s = max_age.as_secs(), "JWKS loaded");
                 metrics::counter!("tokenvault_jwks_refresh_total", "result" => "ok").increment(1);
-                *self.current.write().expect("JWKS lock poisoned") = Some(Loaded {
-                    keys: Arc::clone(keys),
-                });
+                *self.current.write().expect("JWKS lock poisoned") = Some(Loaded { keys: Arc::clone(keys) });
             }
             Err(error) => {
                 tracing::warn!(error = %error, kept_previous = self.is_loaded(), "JWKS refresh failed");
-                metrics::counter!("tokenvault_jwks_refresh_total", "result" => "error")
-                    .increment(1);
+                metrics::counter!("tokenvault_jwks_refresh_total", "result" => "error").increment(1);
             }
         }
         result.map(|(_, max_age)| max_age)
@@ -344,9 +312,7 @@ impl JwksCache {
     /// and a day) after a success, sooner after a failure, soonest while nothing was ever loaded.
     pub fn next_refresh(&self, result: &Result<Duration, JwksError>) -> Duration {
         let wait = match result {
-            Ok(max_age) => {
-                (*max_age).clamp(self.min_refresh, LONGEST_MAX_AGE.max(self.min_refresh))
-            }
+            Ok(max_age) => (*max_age).clamp(self.min_refresh, LONGEST_MAX_AGE.max(self.min_refresh)),
             Err(_) if !self.is_loaded() => RETRY_WHILE_EMPTY.min(self.min_refresh),
             Err(_) => self.min_refresh,
         };
@@ -372,9 +338,7 @@ fn max_age(header: &str) -> Option<Duration> {
         .split(',')
         .find_map(|directive| {
             let (name, value) = directive.trim().split_once('=')?;
-            name.trim()
-                .eq_ignore_ascii_case("max-age")
-                .then(|| value.trim().trim_matches('"').parse().ok())?
+            name.trim().eq_ignore_ascii_case("max-age").then(|| value.trim().trim_matches('"').parse().ok())?
         })
         .map(Duration::from_secs)
 }
@@ -384,10 +348,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Value {
-        let path = format!(
-            "{}/tests/fixtures/{name}.jwk.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/tests/fixtures/{name}.jwk.json", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -397,46 +358,23 @@ mod tests {
 
     #[test]
     fn parses_rsa_ec_and_ed25519_keys() {
-        let set = parse_jwks(&jwks(&[
-            fixture("rsa-a"),
-            fixture("ec-p256"),
-            fixture("ed25519"),
-        ]))
-        .unwrap();
+        let set = parse_jwks(&jwks(&[fixture("rsa-a"), fixture("ec-p256"), fixture("ed25519")])).unwrap();
         assert_eq!(set.len(), 3);
-        let Lookup::Found(ec) = set.find(Some("ec-p256")) else {
-            panic!("ec key not found")
-        };
-        assert!(
-            ec.accepts(Algorithm::ES256)
-                && !ec.accepts(Algorithm::ES384)
-                && !ec.accepts(Algorithm::RS256)
-        );
+        let Lookup::Found(ec) = set.find(Some("ec-p256")) else { panic!("ec key not found") };
+        assert!(ec.accepts(Algorithm::ES256) && !ec.accepts(Algorithm::ES384) && !ec.accepts(Algorithm::RS256));
     }
 
     #[test]
     fn refuses_weak_rsa_keys_and_non_signing_keys() {
-        assert!(matches!(
-            parse_jwks(&jwks(&[fixture("rsa-weak")])),
-            Err(JwksError::NoUsableKey)
-        ));
+        assert!(matches!(parse_jwks(&jwks(&[fixture("rsa-weak")])), Err(JwksError::NoUsableKey)));
         let mut enc = fixture("rsa-a");
         enc["use"] = "enc".into();
-        assert!(matches!(
-            parse_jwks(&jwks(&[enc])),
-            Err(JwksError::NoUsableKey)
-        ));
+        assert!(matches!(parse_jwks(&jwks(&[enc])), Err(JwksError::NoUsableKey)));
         let mut hmac = fixture("rsa-a");
         hmac["alg"] = "HS256".into();
-        assert!(matches!(
-            parse_jwks(&jwks(&[hmac])),
-            Err(JwksError::NoUsableKey)
-        ));
+        assert!(matches!(parse_jwks(&jwks(&[hmac])), Err(JwksError::NoUsableKey)));
         let oct = serde_json::json!({"kty": "oct", "k": "c2VjcmV0", "kid": "x"});
-        assert!(matches!(
-            parse_jwks(&jwks(&[oct])),
-            Err(JwksError::NoUsableKey)
-        ));
+        assert!(matches!(parse_jwks(&jwks(&[oct])), Err(JwksError::NoUsableKey)));
     }
 
     #[test]
@@ -444,9 +382,7 @@ mod tests {
         let mut rsa = fixture("rsa-a");
         rsa["alg"] = "PS256".into();
         let set = parse_jwks(&jwks(&[rsa])).unwrap();
-        let Lookup::Found(key) = set.find(None) else {
-            panic!()
-        };
+        let Lookup::Found(key) = set.find(None) else { panic!() };
         assert!(key.accepts(Algorithm::PS256) && !key.accepts(Algorithm::RS256));
     }
 
@@ -459,10 +395,7 @@ mod tests {
 
     #[test]
     fn reads_max_age() {
-        assert_eq!(
-            max_age("public, max-age=600"),
-            Some(Duration::from_secs(600))
-        );
+        assert_eq!(max_age("public, max-age=600"), Some(Duration::from_secs(600)));
         assert_eq!(max_age("no-cache"), None);
         assert_eq!(max_age("max-age=abc"), None);
     }

@@ -36,10 +36,7 @@ pub struct IdentityVerifier {
 
 impl IdentityVerifier {
     pub fn new(settings: &IdentitySettings, keys: Arc<JwksCache>) -> Self {
-        Self {
-            keys,
-            policy: Policy::from_settings(settings),
-        }
+        Self { keys, policy: Policy::from_settings(settings) }
     }
 
     pub fn keys(&self) -> &Arc<JwksCache> {

@@ -47,23 +47,11 @@ pub struct VerifiedIdentity {
 impl VerifiedIdentity {
     /// If the token names an account or app, it must be the one the body names: a token signed for one
     /// install cannot authenticate another.
-    pub fn check_subject(
-        &self,
-        app_id: Option<&str>,
-        account_id: Option<&str>,
-    ) -> Result<(), IdentityError> {
-        if self
-            .iris_app_id
-            .as_deref()
-            .is_some_and(|claimed| Some(claimed) != app_id)
-        {
+    pub fn check_subject(&self, app_id: Option<&str>, account_id: Option<&str>) -> Result<(), IdentityError> {
+        if self.iris_app_id.as_deref().is_some_and(|claimed| Some(claimed) != app_id) {
             return Err(IdentityError::ClaimMismatch("irisAppId"));
         }
-        if self
-            .account_id
-            .as_deref()
-            .is_some_and(|claimed| Some(claimed) != account_id)
-        {
+        if self.account_id.as_deref().is_some_and(|claimed| Some(claimed) != account_id) {
             return Err(IdentityError::ClaimMismatch("accountId"));
         }
         Ok(())
@@ -71,12 +59,7 @@ impl VerifiedIdentity {
 }
 
 /// Verifies a compact JWS against `keys` and `policy` at time `now` (seconds since the epoch).
-pub fn verify_with(
-    token: &str,
-    keys: &KeySet,
-    policy: &Policy,
-    now: i64,
-) -> Result<VerifiedIdentity, IdentityError> {
+pub fn verify_with(token: &str, keys: &KeySet, policy: &Policy, now: i64) -> Result<VerifiedIdentity, IdentityError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(IdentityError::Malformed("the token is too long"));
     }
@@ -85,20 +68,13 @@ pub fn verify_with(
         [h, p, s] => (*h, *p, *s),
         [_, _, _, _, _] => return Err(IdentityError::Encrypted),
         _ => {
-            return Err(IdentityError::Malformed(
-                "not a compact JWS of three segments",
-            ));
+            return Err(IdentityError::Malformed("not a compact JWS of three segments"));
         }
     };
-    let header = decode_object(
-        header_b64,
-        "the header is not base64url JSON without duplicate keys",
-    )?;
+    let header = decode_object(header_b64, "the header is not base64url JSON without duplicate keys")?;
     let alg = check_header(&header, policy)?;
     if payload_b64.is_empty() {
-        return Err(IdentityError::Malformed(
-            "the payload is empty (detached payloads are refused)",
-        ));
+        return Err(IdentityError::Malformed("the payload is empty (detached payloads are refused)"));
     }
     if signature_b64.is_empty() {
         return Err(IdentityError::BadSignature);
@@ -106,13 +82,9 @@ pub fn verify_with(
 
     let kid = match header.get("kid") {
         None => None,
-        Some(Value::String(kid)) if !kid.is_empty() && kid.chars().count() <= MAX_KID_CHARS => {
-            Some(kid.as_str())
-        }
+        Some(Value::String(kid)) if !kid.is_empty() && kid.chars().count() <= MAX_KID_CHARS => Some(kid.as_str()),
         Some(_) => {
-            return Err(IdentityError::Malformed(
-                "kid must be a short non-empty string",
-            ));
+            return Err(IdentityError::Malformed("kid must be a short non-empty string"));
         }
     };
     let key = match keys.find(kid) {
@@ -124,24 +96,18 @@ pub fn verify_with(
         return Err(IdentityError::KeyAlgorithmMismatch);
     }
     let signing_input = &token[..header_b64.len() + 1 + payload_b64.len()];
-    let verified =
-        jsonwebtoken::crypto::verify(signature_b64, signing_input.as_bytes(), &key.key, alg)
-            .map_err(|_| IdentityError::BadSignature)?;
+    let verified = jsonwebtoken::crypto::verify(signature_b64, signing_input.as_bytes(), &key.key, alg)
+        .map_err(|_| IdentityError::BadSignature)?;
     if !verified {
         return Err(IdentityError::BadSignature);
     }
 
-    let claims = decode_object(
-        payload_b64,
-        "the claims are not base64url JSON without duplicate keys",
-    )?;
+    let claims = decode_object(payload_b64, "the claims are not base64url JSON without duplicate keys")?;
     check_claims(&claims, policy, now)
 }
 
 fn decode_object(segment: &str, what: &'static str) -> Result<Map<String, Value>, IdentityError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(segment)
-        .map_err(|_| IdentityError::Malformed(what))?;
+    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| IdentityError::Malformed(what))?;
     match crate::strict_json::from_slice(&bytes) {
         Ok(Value::Object(object)) => Ok(object),
         _ => Err(IdentityError::Malformed(what)),
@@ -157,10 +123,7 @@ fn check_header(header: &Map<String, Value>, policy: &Policy) -> Result<Algorith
     if header.contains_key("enc") || header.contains_key("zip") {
         return Err(IdentityError::Encrypted);
     }
-    let alg = header
-        .get("alg")
-        .and_then(Value::as_str)
-        .ok_or(IdentityError::Malformed("alg is missing"))?;
+    let alg = header.get("alg").and_then(Value::as_str).ok_or(IdentityError::Malformed("alg is missing"))?;
     if alg.eq_ignore_ascii_case("none") {
         return Err(IdentityError::AlgorithmNone);
     }
@@ -174,10 +137,7 @@ fn check_header(header: &Map<String, Value>, policy: &Policy) -> Result<Algorith
         .ok_or(IdentityError::AlgorithmNotAllowed)
 }
 
-fn numeric_date(
-    claims: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<i64>, IdentityError> {
+fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, IdentityError> {
     match claims.get(name) {
         None => Ok(None),
         Some(value) => value
@@ -188,10 +148,7 @@ fn numeric_date(
     }
 }
 
-fn optional_string(
-    claims: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<String>, IdentityError> {
+fn optional_string(claims: &Map<String, Value>, name: &'static str) -> Result<Option<String>, IdentityError> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -199,11 +156,7 @@ fn optional_string(
     }
 }
 
-fn check_claims(
-    claims: &Map<String, Value>,
-    policy: &Policy,
-    now: i64,
-) -> Result<VerifiedIdentity, IdentityError> {
+fn check_claims(claims: &Map<String, Value>, policy: &Policy, now: i64) -> Result<VerifiedIdentity, IdentityError> {
     let leeway = policy.leeway_secs;
     let exp = numeric_date(claims, "exp")?.ok_or(IdentityError::MissingExpiry)?;
     if now > exp.saturating_add(leeway) {
@@ -249,11 +202,7 @@ mod tests {
     const NOW: i64 = 1_800_000_000;
 
     fn fixture(name: &str, ext: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/{name}.{ext}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
+        std::fs::read(format!("{}/tests/fixtures/{name}.{ext}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     }
 
     fn keys() -> KeySet {
@@ -264,12 +213,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy {
-            algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
-            issuer: None,
-            audience: None,
-            leeway_secs: 60,
-        }
+        Policy { algorithms: ASYMMETRIC_ALGORITHMS.to_vec(), issuer: None, audience: None, leeway_secs: 60 }
     }
 
     fn sign(alg: Algorithm, kid: &str, key: &str, claims: &Value) -> String {
@@ -298,13 +242,7 @@ mod tests {
             (Algorithm::EdDSA, "ed25519", "ed25519"),
         ] {
             let token = sign(alg, kid, key, &fresh());
-            assert_eq!(
-                verify_with(&token, &keys(), &policy(), NOW)
-                    .unwrap()
-                    .issued_at,
-                Some(NOW),
-                "{alg:?}"
-            );
+            assert_eq!(verify_with(&token, &keys(), &policy(), NOW).unwrap().issued_at, Some(NOW), "{alg:?}");
         }
     }
 
@@ -312,75 +250,30 @@ mod tests {
     fn refuses_a_key_of_the_wrong_type_for_the_algorithm() {
         // An RSA signature presented under the EC key's kid.
         let token = sign(Algorithm::RS256, "ec-p256", "rsa-a", &fresh());
-        assert_eq!(
-            verify_with(&token, &keys(), &policy(), NOW),
-            Err(IdentityError::KeyAlgorithmMismatch)
-        );
+        assert_eq!(verify_with(&token, &keys(), &policy(), NOW), Err(IdentityError::KeyAlgorithmMismatch));
     }
 
     #[test]
     fn checks_dates_with_leeway() {
-        let check = |claims: Value| {
-            verify_with(
-                &sign(Algorithm::RS256, "rsa-a", "rsa-a", &claims),
-                &keys(),
-                &policy(),
-                NOW,
-            )
-        };
+        let check =
+            |claims: Value| verify_with(&sign(Algorithm::RS256, "rsa-a", "rsa-a", &claims), &keys(), &policy(), NOW);
         assert!(check(json!({ "exp": NOW - 30 })).is_ok(), "within leeway");
-        assert_eq!(
-            check(json!({ "exp": NOW - 61 })),
-            Err(IdentityError::Expired)
-        );
-        assert_eq!(
-            check(json!({ "iat": NOW })),
-            Err(IdentityError::MissingExpiry)
-        );
-        assert_eq!(
-            check(json!({ "exp": NOW + 300, "nbf": NOW + 120 })),
-            Err(IdentityError::NotYetValid)
-        );
-        assert_eq!(
-            check(json!({ "exp": NOW + 300, "iat": NOW + 120 })),
-            Err(IdentityError::IssuedInFuture)
-        );
-        assert_eq!(
-            check(json!({ "exp": (NOW + 300).to_string() })),
-            Err(IdentityError::BadDate("exp"))
-        );
-        assert_eq!(
-            check(json!({ "exp": NOW as f64 + 300.5 })),
-            Err(IdentityError::BadDate("exp"))
-        );
-        assert_eq!(
-            check(json!({ "exp": 1e300 })),
-            Err(IdentityError::BadDate("exp"))
-        );
-        assert_eq!(
-            check(json!({ "exp": u64::MAX })),
-            Err(IdentityError::BadDate("exp"))
-        );
+        assert_eq!(check(json!({ "exp": NOW - 61 })), Err(IdentityError::Expired));
+        assert_eq!(check(json!({ "iat": NOW })), Err(IdentityError::MissingExpiry));
+        assert_eq!(check(json!({ "exp": NOW + 300, "nbf": NOW + 120 })), Err(IdentityError::NotYetValid));
+        assert_eq!(check(json!({ "exp": NOW + 300, "iat": NOW + 120 })), Err(IdentityError::IssuedInFuture));
+        assert_eq!(check(json!({ "exp": (NOW + 300).to_string() })), Err(IdentityError::BadDate("exp")));
+        assert_eq!(check(json!({ "exp": NOW as f64 + 300.5 })), Err(IdentityError::BadDate("exp")));
+        assert_eq!(check(json!({ "exp": 1e300 })), Err(IdentityError::BadDate("exp")));
+        assert_eq!(check(json!({ "exp": u64::MAX })), Err(IdentityError::BadDate("exp")));
     }
 
     #[test]
     fn checks_issuer_and_audience_when_configured() {
-        let policy = Policy {
-            issuer: Some("trackunit".into()),
-            audience: Some("@org/app".into()),
-            ..policy()
-        };
-        let check = |claims: Value| {
-            verify_with(
-                &sign(Algorithm::RS256, "rsa-a", "rsa-a", &claims),
-                &keys(),
-                &policy,
-                NOW,
-            )
-        };
-        assert!(
-            check(json!({ "exp": NOW + 60, "iss": "trackunit", "aud": ["x", "@org/app"] })).is_ok()
-        );
+        let policy = Policy { issuer: Some("trackunit".into()), audience: Some("@org/app".into()), ..policy() };
+        let check =
+            |claims: Value| verify_with(&sign(Algorithm::RS256, "rsa-a", "rsa-a", &claims), &keys(), &policy, NOW);
+        assert!(check(json!({ "exp": NOW + 60, "iss": "trackunit", "aud": ["x", "@org/app"] })).is_ok());
         assert_eq!(
             check(json!({ "exp": NOW + 60, "iss": "evil", "aud": "@org/app" })),
             Err(IdentityError::WrongIssuer)
@@ -389,10 +282,7 @@ mod tests {
             check(json!({ "exp": NOW + 60, "iss": "trackunit", "aud": "other" })),
             Err(IdentityError::WrongAudience)
         );
-        assert_eq!(
-            check(json!({ "exp": NOW + 60, "iss": "trackunit" })),
-            Err(IdentityError::WrongAudience)
-        );
+        assert_eq!(check(json!({ "exp": NOW + 60, "iss": "trackunit" })), Err(IdentityError::WrongAudience));
     }
 
     #[test]
@@ -403,30 +293,21 @@ mod tests {
         let with_header = |h: Value| format!("{}.{}.{}", header(h), parts[1], parts[2]);
         let check = |t: &str| verify_with(t, &keys(), &policy(), NOW);
 
-        assert_eq!(
-            check(&with_header(json!({"alg": "none", "kid": "rsa-a"}))),
-            Err(IdentityError::AlgorithmNone)
-        );
+        assert_eq!(check(&with_header(json!({"alg": "none", "kid": "rsa-a"}))), Err(IdentityError::AlgorithmNone));
         assert_eq!(
             check(&with_header(json!({"alg": "HS256", "kid": "rsa-a"}))),
             Err(IdentityError::SymmetricAlgorithm)
         );
         assert_eq!(
-            check(&with_header(
-                json!({"alg": "RS256", "kid": "rsa-a", "crit": ["exp"]})
-            )),
+            check(&with_header(json!({"alg": "RS256", "kid": "rsa-a", "crit": ["exp"]}))),
             Err(IdentityError::CriticalHeader)
         );
         assert_eq!(
             check(&with_header(json!({"alg": "RS256", "kid": 7}))),
-            Err(IdentityError::Malformed(
-                "kid must be a short non-empty string"
-            ))
+            Err(IdentityError::Malformed("kid must be a short non-empty string"))
         );
         assert_eq!(
-            check(&with_header(
-                json!({"alg": "RS256", "kid": "../../etc/passwd"})
-            )),
+            check(&with_header(json!({"alg": "RS256", "kid": "../../etc/passwd"}))),
             Err(IdentityError::UnknownKey)
         );
         assert_eq!(
@@ -435,35 +316,18 @@ mod tests {
         );
         assert_eq!(check("a.b.c.d.e"), Err(IdentityError::Encrypted));
         assert!(matches!(check("garbage"), Err(IdentityError::Malformed(_))));
-        assert!(matches!(
-            check(&format!("{}.{}.{}", parts[0], parts[1], "AAAA")),
-            Err(IdentityError::BadSignature)
-        ));
+        assert!(matches!(check(&format!("{}.{}.{}", parts[0], parts[1], "AAAA")), Err(IdentityError::BadSignature)));
         let dup = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","kid":"rsa-a","kid":"ec-p256"}"#);
-        assert!(matches!(
-            check(&format!("{dup}.{}.{}", parts[1], parts[2])),
-            Err(IdentityError::Malformed(_))
-        ));
+        assert!(matches!(check(&format!("{dup}.{}.{}", parts[1], parts[2])), Err(IdentityError::Malformed(_))));
         // A header signed as-is but with the payload swapped fails the signature.
-        let other =
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&json!({"exp": NOW + 9999})).unwrap());
-        assert_eq!(
-            check(&format!("{}.{other}.{}", parts[0], parts[2])),
-            Err(IdentityError::BadSignature)
-        );
+        let other = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&json!({"exp": NOW + 9999})).unwrap());
+        assert_eq!(check(&format!("{}.{other}.{}", parts[0], parts[2])), Err(IdentityError::BadSignature));
     }
 
     #[test]
     fn claims_naming_another_install_do_not_match() {
-        let identity = VerifiedIdentity {
-            issued_at: None,
-            account_id: Some("a1".into()),
-            iris_app_id: None,
-        };
+        let identity = VerifiedIdentity { issued_at: None, account_id: Some("a1".into()), iris_app_id: None };
         assert!(identity.check_subject(Some("@o/x"), Some("a1")).is_ok());
-        assert_eq!(
-            identity.check_subject(Some("@o/x"), Some("a2")),
-            Err(IdentityError::ClaimMismatch("accountId"))
-        );
+        assert_eq!(identity.check_subject(Some("@o/x"), Some("a2")), Err(IdentityError::ClaimMismatch("accountId")));
     }
 }

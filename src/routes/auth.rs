@@ -1,5 +1,7 @@
 //! Service-key authentication for the internal API: `Authorization: Bearer tvk_...`, looked up by SHA-256.
 
+use std::sync::Arc;
+
 use actix_web::HttpRequest;
 use actix_web::http::header;
 
@@ -7,36 +9,24 @@ use super::AppState;
 use crate::domain::ServiceKey;
 use crate::domain::service_key::SERVICE_KEY_PREFIX;
 use crate::error::ApiError;
-use crate::store::api_client::{self, ApiClient};
+use crate::store::api_client::ApiClient;
 
-/// The caller's client record, or 401. Keys are compared by digest in the database index, so no timing
-/// difference reveals how much of a guessed key was right.
-pub async fn authenticate(request: &HttpRequest, state: &AppState) -> Result<ApiClient, ApiError> {
+/// The caller's client record, or 401. Keys are looked up by digest (in memory, else the database
+/// index), so no timing difference reveals how much of a guessed key was right.
+pub async fn authenticate(request: &HttpRequest, state: &AppState) -> Result<Arc<ApiClient>, ApiError> {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim)
         .filter(|key| key.starts_with(SERVICE_KEY_PREFIX) && key.len() <= 128)
         .ok_or(ApiError::Unauthenticated)?;
-    api_client::find_active(&state.pool, &ServiceKey::digest(presented))
-        .await?
-        .ok_or(ApiError::Unauthenticated)
+    state.directory.client(&ServiceKey::digest(presented)).await?.ok_or(ApiError::Unauthenticated)
 }
 
 /// The caller's client record if it is an admin; 401 without a valid key, 403 with a non-admin one.
-pub async fn authenticate_admin(
-    request: &HttpRequest,
-    state: &AppState,
-) -> Result<ApiClient, ApiError> {
+pub async fn authenticate_admin(request: &HttpRequest, state: &AppState) -> Result<Arc<ApiClient>, ApiError> {
     let client = authenticate(request, state).await?;
-    if client.admin {
-        Ok(client)
-    } else {
-        Err(ApiError::Forbidden("this route needs an admin key".into()))
-    }
+    if client.admin { Ok(client) } else { Err(ApiError::Forbidden("this route needs an admin key".into())) }
 }

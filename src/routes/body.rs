@@ -21,19 +21,9 @@ pub fn require_json(request: &HttpRequest) -> Result<(), ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::UnsupportedMediaType)?;
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    let is_json = essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"));
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType)
-    }
+    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let is_json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if is_json { Ok(()) } else { Err(ApiError::UnsupportedMediaType) }
 }
 
 /// Reads at most `limit` bytes, with or without a Content-Length (chunked). The buffer is zeroized on
@@ -43,20 +33,15 @@ pub async fn read(
     mut payload: web::Payload,
     limit: usize,
 ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
     let read_all = async {
         let mut body = Zeroizing::new(Vec::new());
         while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|_| {
-                ApiError::InvalidRequest("the request body could not be read".into())
-            })?;
+            let chunk = chunk.map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
             if body.len() + chunk.len() > limit {
                 return Err(ApiError::PayloadTooLarge(limit));
             }
@@ -66,9 +51,5 @@ pub async fn read(
     };
     tokio::time::timeout(BODY_TIMEOUT, read_all)
         .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::InvalidRequest(
-                "the request body arrived too slowly".into(),
-            ))
-        })
+        .unwrap_or_else(|_| Err(ApiError::InvalidRequest("the request body arrived too slowly".into())))
 }

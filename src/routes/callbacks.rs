@@ -37,11 +37,7 @@ pub async fn trackunit(
         Err(error) => tracing::warn!(error = %error, "callback refused"),
     }
     let outcome = result?;
-    let status = if outcome == Outcome::Ignored {
-        StatusCode::ACCEPTED
-    } else {
-        StatusCode::NO_CONTENT
-    };
+    let status = if outcome == Outcome::Ignored { StatusCode::ACCEPTED } else { StatusCode::NO_CONTENT };
     Ok(HttpResponse::build(status).finish())
 }
 
@@ -56,47 +52,28 @@ fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
-async fn handle(
-    request: &HttpRequest,
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<Outcome, ApiError> {
+async fn handle(request: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<Outcome, ApiError> {
     body::require_json(request)?;
     let raw = body::read(request, payload, MAX_CALLBACK_BYTES).await?;
 
-    let header = request
-        .headers()
-        .get(IDENTITY_HEADER)
-        .ok_or(ApiError::MissingIdentity)?;
-    let header = header.to_str().map_err(|_| {
-        ApiError::InvalidIdentity(crate::identity::IdentityError::Malformed(
-            "the header is not ASCII",
-        ))
-    })?;
+    let header = request.headers().get(IDENTITY_HEADER).ok_or(ApiError::MissingIdentity)?;
+    let header = header
+        .to_str()
+        .map_err(|_| ApiError::InvalidIdentity(crate::identity::IdentityError::Malformed("the header is not ASCII")))?;
     if header.trim().is_empty() {
         return Err(ApiError::MissingIdentity);
     }
-    let identity = state
-        .identity
-        .verify(header)
-        .await
-        .map_err(|error| match error {
-            VerifyError::Invalid(error) => ApiError::InvalidIdentity(error),
-            VerifyError::KeysUnavailable => ApiError::IdentityKeysUnavailable {
-                retry_after_secs: KEYS_RETRY_AFTER_SECS,
-            },
-        })?;
+    let identity = state.identity.verify(header).await.map_err(|error| match error {
+        VerifyError::Invalid(error) => ApiError::InvalidIdentity(error),
+        VerifyError::KeysUnavailable => ApiError::IdentityKeysUnavailable { retry_after_secs: KEYS_RETRY_AFTER_SECS },
+    })?;
 
     let message = parse(&raw)?;
     drop(raw);
     let span = tracing::Span::current();
     let (app_id, account_id) = match &message {
-        CallbackMessage::Installed {
-            app_id, account_id, ..
-        }
-        | CallbackMessage::Uninstalled { app_id, account_id } => {
-            span.record("app.id", app_id.as_str())
-                .record("account.id", account_id.as_str());
+        CallbackMessage::Installed { app_id, account_id, .. } | CallbackMessage::Uninstalled { app_id, account_id } => {
+            span.record("app.id", app_id.as_str()).record("account.id", account_id.as_str());
             (Some(app_id.as_str()), Some(account_id.as_str()))
         }
         CallbackMessage::Other { message_type } => {
@@ -105,9 +82,7 @@ async fn handle(
         }
     };
     if app_id.is_some() {
-        identity
-            .check_subject(app_id, account_id)
-            .map_err(ApiError::InvalidIdentity)?;
+        identity.check_subject(app_id, account_id).map_err(ApiError::InvalidIdentity)?;
     }
     if let (Some(allowed), Some(app_id)) = (&state.apps, app_id)
         && !allowed.contains(app_id)
@@ -117,7 +92,11 @@ async fn handle(
 
     let outcome = installs::apply(&state.pool, &state.keys, &message, identity.issued_at).await?;
     if let Some(id) = outcome.changed_installation() {
+        // This replica drops its copies now; the others on the NOTIFY the row change triggers.
         state.broker.forget(id);
+        if let Some(account_id) = account_id {
+            state.directory.forget_account(account_id);
+        }
     }
     Ok(outcome)
 }
@@ -139,34 +118,20 @@ fn parse(raw: &[u8]) -> Result<CallbackMessage, ApiError> {
             client_id: SecretString::from(field("clientId")?.as_str().to_owned()),
             client_secret: SecretString::from(field("clientSecret")?.as_str().to_owned()),
         },
-        "UNINSTALLED" => CallbackMessage::Uninstalled {
-            app_id: field("irisAppId")?,
-            account_id: field("accountId")?,
-        },
-        _ => CallbackMessage::Other {
-            message_type: message_type.as_str().to_owned(),
-        },
+        "UNINSTALLED" => CallbackMessage::Uninstalled { app_id: field("irisAppId")?, account_id: field("accountId")? },
+        _ => CallbackMessage::Other { message_type: message_type.as_str().to_owned() },
     })
 }
 
 /// serde_json's error category and position only: its message may quote input, which may be a secret.
 fn json_reason(error: &serde_json::Error) -> String {
-    format!(
-        "{:?} error at line {} column {}",
-        error.classify(),
-        error.line(),
-        error.column()
-    )
+    format!("{:?} error at line {} column {}", error.classify(), error.line(), error.column())
 }
 
 fn text_field(object: &Map<String, Value>, name: &'static str) -> Result<TextField, ApiError> {
-    let value = object
-        .get(name)
-        .ok_or_else(|| ApiError::InvalidRequest(format!("`{name}` is missing")))?;
+    let value = object.get(name).ok_or_else(|| ApiError::InvalidRequest(format!("`{name}` is missing")))?;
     let Value::String(text) = value else {
-        return Err(ApiError::InvalidRequest(format!(
-            "`{name}` must be a string"
-        )));
+        return Err(ApiError::InvalidRequest(format!("`{name}` must be a string")));
     };
     TextField::parse(text.as_str()).map_err(|e| ApiError::InvalidRequest(format!("`{name}` {e}")))
 }
@@ -199,9 +164,7 @@ mod tests {
     #[test]
     fn error_details_never_quote_the_body() {
         let body = br#"{"type":"INSTALLED","clientSecret":"s3cret-value" oops}"#;
-        let Err(ApiError::InvalidRequest(detail)) = parse(body) else {
-            panic!("expected a 400")
-        };
+        let Err(ApiError::InvalidRequest(detail)) = parse(body) else { panic!("expected a 400") };
         assert!(!detail.contains("s3cret"), "{detail}");
     }
 

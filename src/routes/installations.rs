@@ -9,10 +9,7 @@ use crate::error::ApiError;
 use crate::installs;
 use crate::store::installation;
 
-pub async fn list(
-    request: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn list(request: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     auth::authenticate_admin(&request, &state).await?;
     let installations = installation::list(&state.pool).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "installations": installations })))
@@ -25,10 +22,9 @@ pub async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     auth::authenticate_admin(&request, &state).await?;
     let id = Uuid::parse_str(&path).map_err(|_| ApiError::InstallationNotFound)?;
-    if !installs::revoke(&state.pool, id).await? {
-        return Err(ApiError::InstallationNotFound);
-    }
+    let account_id = installs::revoke(&state.pool, id).await?.ok_or(ApiError::InstallationNotFound)?;
     state.broker.forget(id);
+    state.directory.forget_account(&account_id);
     tracing::info!(installation.id = %id, "installation revoked");
     Ok(HttpResponse::NoContent().finish())
 }

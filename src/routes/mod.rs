@@ -17,6 +17,7 @@ use sqlx::PgPool;
 
 use crate::broker::Broker;
 use crate::crypto::KeyRing;
+use crate::directory::Directory;
 use crate::error::ApiError;
 use crate::identity::IdentityVerifier;
 
@@ -25,7 +26,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub keys: Arc<KeyRing>,
     pub identity: IdentityVerifier,
-    pub broker: Broker,
+    pub broker: Arc<Broker>,
+    pub directory: Arc<Directory>,
     pub apps: Option<HashSet<String>>,
     pub metrics: PrometheusHandle,
 }

@@ -38,11 +38,7 @@ pub async fn issue(
     result
 }
 
-async fn handle(
-    request: &HttpRequest,
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<HttpResponse, ApiError> {
+async fn handle(request: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<HttpResponse, ApiError> {
     let client = auth::authenticate(request, state).await?;
     let span = tracing::Span::current();
     span.record("client.name", client.name.as_str());
@@ -52,34 +48,19 @@ async fn handle(
     span.record("account.id", wanted.account_id.as_str());
 
     if !client.may_access_account(wanted.account_id.as_str()) {
-        return Err(ApiError::Forbidden(
-            "this key is not granted this account".into(),
-        ));
+        return Err(ApiError::Forbidden("this key is not granted this account".into()));
     }
-    if let Some(scope) = wanted
-        .scopes
-        .iter()
-        .find(|s| !client.may_request_scope(s.as_str()))
-    {
-        return Err(ApiError::Forbidden(format!(
-            "this key is not granted the scope {:?}",
-            scope.as_str()
-        )));
+    if let Some(scope) = wanted.scopes.iter().find(|s| !client.may_request_scope(s.as_str())) {
+        return Err(ApiError::Forbidden(format!("this key is not granted the scope {:?}", scope.as_str())));
     }
 
     let broker = &state.broker;
     let installation = broker
-        .resolve(
-            wanted.account_id.as_str(),
-            wanted.app_id.as_ref().map(TextField::as_str),
-        )
+        .resolve(wanted.account_id.as_str(), wanted.app_id.as_ref().map(TextField::as_str))
         .await
         .map_err(broker_error)?;
     span.record("installation.id", tracing::field::display(installation.id));
-    let token = broker
-        .token(&installation, &wanted.scopes, wanted.min_ttl)
-        .await
-        .map_err(broker_error)?;
+    let token = broker.token(&installation, &wanted.scopes, wanted.min_ttl).await.map_err(broker_error)?;
 
     let now = chrono::Utc::now();
     let body = serde_json::json!({
@@ -111,14 +92,9 @@ fn broker_error(error: BrokerError) -> ApiError {
             tracing::warn!(attempts, reason, "upstream failed");
             ApiError::UpstreamError(attempts)
         }
-        BrokerError::Upstream(UpstreamError::Unavailable {
-            retry_after,
-            reason,
-        }) => {
+        BrokerError::Upstream(UpstreamError::Unavailable { retry_after, reason }) => {
             tracing::warn!(reason, "upstream unavailable");
-            ApiError::UpstreamUnavailable {
-                retry_after_secs: retry_after.as_secs().max(1),
-            }
+            ApiError::UpstreamUnavailable { retry_after_secs: retry_after.as_secs().max(1) }
         }
         BrokerError::Database(error) => ApiError::from_database(error),
     }
@@ -126,23 +102,17 @@ fn broker_error(error: BrokerError) -> ApiError {
 
 fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
     let bad = |detail: String| ApiError::InvalidRequest(detail);
-    let value = crate::strict_json::from_slice(raw)
-        .map_err(|_| bad("the body is not valid JSON (or repeats a key)".into()))?;
+    let value =
+        crate::strict_json::from_slice(raw).map_err(|_| bad("the body is not valid JSON (or repeats a key)".into()))?;
     let Value::Object(object) = value else {
         return Err(bad("the body must be a JSON object".into()));
     };
     let text = |name: &str, value: &Value| -> Result<TextField, ApiError> {
-        let text = value
-            .as_str()
-            .ok_or_else(|| bad(format!("`{name}` must be a string")))?;
+        let text = value.as_str().ok_or_else(|| bad(format!("`{name}` must be a string")))?;
         TextField::parse(text).map_err(|e| bad(format!("`{name}` {e}")))
     };
-    let account_id = text(
-        "account_id",
-        object
-            .get("account_id")
-            .ok_or_else(|| bad("`account_id` is missing".into()))?,
-    )?;
+    let account_id =
+        text("account_id", object.get("account_id").ok_or_else(|| bad("`account_id` is missing".into()))?)?;
     let app_id = match object.get("app_id") {
         None | Some(Value::Null) => None,
         Some(value) => Some(text("app_id", value)?),
@@ -153,10 +123,7 @@ fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
         .ok_or_else(|| bad("`scopes` must be an array of strings".into()))?;
     let scope_texts: Vec<&str> = scopes
         .iter()
-        .map(|s| {
-            s.as_str()
-                .ok_or_else(|| bad("`scopes` must be an array of strings".into()))
-        })
+        .map(|s| s.as_str().ok_or_else(|| bad("`scopes` must be an array of strings".into())))
         .collect::<Result<_, _>>()?;
     let scopes = ScopeSet::parse(scope_texts).map_err(|e| bad(format!("`scopes`: {e}")))?;
     let min_ttl_secs = match object.get("min_ttl_seconds") {
@@ -164,18 +131,9 @@ fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
         Some(value) => value
             .as_u64()
             .filter(|secs| *secs <= LONGEST_MIN_TTL_SECS)
-            .ok_or_else(|| {
-                bad(format!(
-                    "`min_ttl_seconds` must be a whole number from 0 to {LONGEST_MIN_TTL_SECS}"
-                ))
-            })?,
+            .ok_or_else(|| bad(format!("`min_ttl_seconds` must be a whole number from 0 to {LONGEST_MIN_TTL_SECS}")))?,
     };
-    Ok(TokenRequest {
-        account_id,
-        app_id,
-        scopes,
-        min_ttl: Duration::from_secs(min_ttl_secs),
-    })
+    Ok(TokenRequest { account_id, app_id, scopes, min_ttl: Duration::from_secs(min_ttl_secs) })
 }
 
 #[cfg(test)]
@@ -188,9 +146,7 @@ mod tests {
         let request = parse(br#"{"account_id":"a","scopes":["x","y"]}"#).unwrap();
         assert_eq!(request.min_ttl, Duration::from_secs(60));
         assert!(request.app_id.is_none());
-        let request =
-            parse(br#"{"account_id":"a","scopes":["x"],"app_id":"@o/a","min_ttl_seconds":0}"#)
-                .unwrap();
+        let request = parse(br#"{"account_id":"a","scopes":["x"],"app_id":"@o/a","min_ttl_seconds":0}"#).unwrap();
         assert_eq!(request.app_id.unwrap().as_str(), "@o/a");
     }
 
@@ -207,11 +163,7 @@ mod tests {
             br#"{"account_id":5,"scopes":["x"]}"#,
             br#"{"scopes":["x"]}"#,
         ] {
-            assert!(
-                matches!(parse(body), Err(ApiError::InvalidRequest(_))),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert!(matches!(parse(body), Err(ApiError::InvalidRequest(_))), "{}", String::from_utf8_lossy(body));
         }
     }
 

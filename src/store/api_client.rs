@@ -19,9 +19,7 @@ pub const WILDCARD: &str = "*";
 
 impl ApiClient {
     pub fn may_access_account(&self, account_id: &str) -> bool {
-        self.accounts
-            .iter()
-            .any(|a| a == WILDCARD || a == account_id)
+        self.accounts.iter().any(|a| a == WILDCARD || a == account_id)
     }
 
     pub fn may_request_scope(&self, scope: &str) -> bool {
@@ -68,27 +66,21 @@ pub async fn create(
 
 /// The unrevoked client whose key hashes to `key_sha256`.
 pub async fn find_active(pool: &PgPool, key_sha256: &[u8; 32]) -> sqlx::Result<Option<ApiClient>> {
-    sqlx::query_as(&format!(
-        "select {COLUMNS} from api_client where key_sha256 = $1 and revoked_at is null"
-    ))
-    .bind(&key_sha256[..])
-    .fetch_optional(pool)
-    .await
+    sqlx::query_as(&format!("select {COLUMNS} from api_client where key_sha256 = $1 and revoked_at is null"))
+        .bind(&key_sha256[..])
+        .fetch_optional(pool)
+        .await
 }
 
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<ApiClient>> {
-    sqlx::query_as(&format!("select {COLUMNS} from api_client order by name"))
-        .fetch_all(pool)
-        .await
+    sqlx::query_as(&format!("select {COLUMNS} from api_client order by name")).fetch_all(pool).await
 }
 
 /// Revokes the client named `name`; returns whether one was revoked.
 pub async fn revoke(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
-    let result = sqlx::query(
-        "update api_client set revoked_at = now() where name = $1 and revoked_at is null",
-    )
-    .bind(name)
-    .execute(pool)
-    .await?;
+    let result = sqlx::query("update api_client set revoked_at = now() where name = $1 and revoked_at is null")
+        .bind(name)
+        .execute(pool)
+        .await?;
     Ok(result.rows_affected() == 1)
 }

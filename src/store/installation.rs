@@ -88,18 +88,12 @@ const COLUMNS: &str = "id, app_id, account_id, status, key_id, client_id_ciphert
                        identity_issued_at, credentials_version";
 
 /// Locks and returns the installation of `(app_id, account_id)`, if any.
-pub async fn lock(
-    conn: &mut PgConnection,
-    app_id: &str,
-    account_id: &str,
-) -> sqlx::Result<Option<Installation>> {
-    sqlx::query_as(&format!(
-        "select {COLUMNS} from installation where app_id = $1 and account_id = $2 for update"
-    ))
-    .bind(app_id)
-    .bind(account_id)
-    .fetch_optional(conn)
-    .await
+pub async fn lock(conn: &mut PgConnection, app_id: &str, account_id: &str) -> sqlx::Result<Option<Installation>> {
+    sqlx::query_as(&format!("select {COLUMNS} from installation where app_id = $1 and account_id = $2 for update"))
+        .bind(app_id)
+        .bind(account_id)
+        .fetch_optional(conn)
+        .await
 }
 
 /// Inserts a new active installation; `None` when a concurrent insert won the race (lock it and retry).
@@ -175,11 +169,7 @@ pub async fn erase(
 }
 
 /// Marks an installation rejected by the upstream, unless its credentials changed meanwhile.
-pub async fn mark_rejected(
-    conn: &mut PgConnection,
-    id: Uuid,
-    credentials_version: i64,
-) -> sqlx::Result<()> {
+pub async fn mark_rejected(conn: &mut PgConnection, id: Uuid, credentials_version: i64) -> sqlx::Result<()> {
     sqlx::query(
         "update installation set status = 'rejected', updated_at = now()
          where id = $1 and credentials_version = $2 and status = 'active'",
@@ -192,11 +182,7 @@ pub async fn mark_rejected(
 }
 
 /// Every installation of an account, or only the one of `app_id`, whatever its status.
-pub async fn for_account(
-    pool: &PgPool,
-    account_id: &str,
-    app_id: Option<&str>,
-) -> sqlx::Result<Vec<Installation>> {
+pub async fn for_account(pool: &PgPool, account_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<Installation>> {
     sqlx::query_as(&format!(
         "select {COLUMNS} from installation
          where account_id = $1 and ($2::text is null or app_id = $2)
@@ -209,12 +195,10 @@ pub async fn for_account(
 }
 
 pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Installation>> {
-    sqlx::query_as(&format!(
-        "select {COLUMNS} from installation where id = $1 for update"
-    ))
-    .bind(id)
-    .fetch_optional(conn)
-    .await
+    sqlx::query_as(&format!("select {COLUMNS} from installation where id = $1 for update"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
 }
 
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<Summary>> {

@@ -38,10 +38,7 @@ pub fn pool(database_url: &SecretString, max_connections: u32) -> anyhow::Result
 
 /// Applies pending migrations.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .context("applying database migrations failed")
+    MIGRATOR.run(pool).await.context("applying database migrations failed")
 }
 
 /// Whether the database answers.

@@ -15,11 +15,7 @@ pub struct CachedTokenRow {
 
 /// Serializes minting of one (installation, scope set) across every process sharing the database, until
 /// the transaction ends. Another replica that wants the same token waits here, then finds it in the table.
-pub async fn lock_key(
-    conn: &mut PgConnection,
-    installation_id: Uuid,
-    scope_key: &str,
-) -> sqlx::Result<()> {
+pub async fn lock_key(conn: &mut PgConnection, installation_id: Uuid, scope_key: &str) -> sqlx::Result<()> {
     sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(format!("tokenvault/token/{installation_id}/{scope_key}"))
         .execute(conn)
@@ -45,14 +41,14 @@ pub async fn get(
 }
 
 /// Stores a minted token, unless the installation's credentials changed or it stopped being active while
-/// the token was minted.
+/// the token was minted. Returns whether it was stored.
 pub async fn put(
     conn: &mut PgConnection,
     installation_id: Uuid,
     scope_key: &str,
     credentials_version: i64,
     row: &CachedTokenRow,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<bool> {
     sqlx::query(
         "insert into token_cache (installation_id, scope_key, credentials_version, key_id,
              access_token_ciphertext, token_type, granted_scope, issued_at, expires_at)
@@ -76,16 +72,11 @@ pub async fn put(
     .bind(row.expires_at)
     .execute(conn)
     .await
-    .map(drop)
+    .map(|result| result.rows_affected() == 1)
 }
 
-pub async fn delete_for_installation(
-    conn: &mut PgConnection,
-    installation_id: Uuid,
-) -> sqlx::Result<u64> {
-    let result = sqlx::query("delete from token_cache where installation_id = $1")
-        .bind(installation_id)
-        .execute(conn)
-        .await?;
+pub async fn delete_for_installation(conn: &mut PgConnection, installation_id: Uuid) -> sqlx::Result<u64> {
+    let result =
+        sqlx::query("delete from token_cache where installation_id = $1").bind(installation_id).execute(conn).await?;
     Ok(result.rows_affected())
 }

@@ -20,8 +20,7 @@ pub const APP_ID: &str = "@acme/fleet-insights";
 
 /// The PostgreSQL server the tests use: `DATABASE_URL` (set by `make test`), else a local default.
 pub fn server_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn with_database(url: &str, database: &str) -> String {
@@ -31,11 +30,7 @@ fn with_database(url: &str, database: &str) -> String {
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!(
-        "{}/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
 pub fn jwk(name: &str) -> Value {
@@ -62,11 +57,7 @@ pub fn now() -> i64 {
 
 /// A valid identity token, issued `age` seconds ago.
 pub fn identity_issued(age: i64) -> String {
-    sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({ "iat": now() - age, "exp": now() + 300 }),
-    )
+    sign("rsa-a", Algorithm::RS256, &json!({ "iat": now() - age, "exp": now() + 300 }))
 }
 
 pub fn identity() -> String {
@@ -118,17 +109,11 @@ pub struct TokenEndpoint {
 
 impl Respond for TokenEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        let form: HashMap<String, String> = url::form_urlencoded::parse(&request.body)
-            .into_owned()
-            .collect();
+        let form: HashMap<String, String> = url::form_urlencoded::parse(&request.body).into_owned().collect();
         self.calls.lock().unwrap().push(form.clone());
         let answer = {
             let mut script = self.script.lock().unwrap();
-            if script.len() > 1 {
-                script.remove(0)
-            } else {
-                script[0].clone()
-            }
+            if script.len() > 1 { script.remove(0) } else { script[0].clone() }
         };
         let delay = *self.delay.lock().unwrap();
         let template = match answer {
@@ -184,12 +169,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            vars: Vec::new(),
-            serve_jwks: true,
-            jwks_max_age: 1,
-            proxy_database: false,
-        }
+        Self { vars: Vec::new(), serve_jwks: true, jwks_max_age: 1, proxy_database: false }
     }
 }
 
@@ -203,10 +183,7 @@ struct JwksResponder(Arc<Mutex<Value>>, Arc<AtomicU64>);
 impl Respond for JwksResponder {
     fn respond(&self, _: &Request) -> ResponseTemplate {
         ResponseTemplate::new(200)
-            .insert_header(
-                "cache-control",
-                format!("max-age={}", self.1.load(Ordering::SeqCst)),
-            )
+            .insert_header("cache-control", format!("max-age={}", self.1.load(Ordering::SeqCst)))
             .set_body_json(self.0.lock().unwrap().clone())
     }
 }
@@ -214,28 +191,18 @@ impl Respond for JwksResponder {
 pub async fn spawn_app_with(options: Options) -> TestApp {
     let database = format!("tv_test_{}", uuid::Uuid::new_v4().simple());
     let server = server_url();
-    let mut admin = PgConnection::connect(&server)
-        .await
-        .expect("PostgreSQL is reachable (run `make test`)");
-    admin
-        .execute(format!(r#"create database "{database}""#).as_str())
-        .await
-        .unwrap();
+    let mut admin = PgConnection::connect(&server).await.expect("PostgreSQL is reachable (run `make test`)");
+    admin.execute(format!(r#"create database "{database}""#).as_str()).await.unwrap();
     let database_url = with_database(&server, &database);
     let pool = PgPool::connect(&database_url).await.unwrap();
     tokenvault::store::migrate(&pool).await.unwrap();
 
     let trackunit = MockServer::start().await;
-    let jwks = Arc::new(Mutex::new(
-        json!({ "keys": [jwk("rsa-a"), jwk("rsa-b"), jwk("ec-p256"), jwk("ed25519")] }),
-    ));
+    let jwks = Arc::new(Mutex::new(json!({ "keys": [jwk("rsa-a"), jwk("rsa-b"), jwk("ec-p256"), jwk("ed25519")] })));
     if options.serve_jwks {
         Mock::given(method("GET"))
             .and(path("/jwks"))
-            .respond_with(JwksResponder(
-                Arc::clone(&jwks),
-                Arc::new(AtomicU64::new(options.jwks_max_age)),
-            ))
+            .respond_with(JwksResponder(Arc::clone(&jwks), Arc::new(AtomicU64::new(options.jwks_max_age))))
             .mount(&trackunit)
             .await;
     }
@@ -246,11 +213,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         counter: Arc::default(),
         issued: Arc::default(),
     };
-    Mock::given(method("POST"))
-        .and(path("/apptoken"))
-        .respond_with(upstream.clone())
-        .mount(&trackunit)
-        .await;
+    Mock::given(method("POST")).and(path("/apptoken")).respond_with(upstream.clone()).mount(&trackunit).await;
 
     let (proxy, app_database_url) = if options.proxy_database {
         let (proxy, url) = proxied(&database_url).await;
@@ -264,18 +227,9 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         ("TOKENVAULT_PUBLIC_ADDR".into(), "127.0.0.1:0".into()),
         ("TOKENVAULT_INTERNAL_ADDR".into(), "127.0.0.1:0".into()),
         ("TOKENVAULT_ENCRYPTION_KEYS".into(), encryption_keys.clone()),
-        (
-            "TOKENVAULT_TRACKUNIT_JWKS_URL".into(),
-            format!("{}/jwks", trackunit.uri()),
-        ),
-        (
-            "TOKENVAULT_TRACKUNIT_TOKEN_URL".into(),
-            format!("{}/apptoken", trackunit.uri()),
-        ),
-        (
-            "TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS".into(),
-            "1".into(),
-        ),
+        ("TOKENVAULT_TRACKUNIT_JWKS_URL".into(), format!("{}/jwks", trackunit.uri())),
+        ("TOKENVAULT_TRACKUNIT_TOKEN_URL".into(), format!("{}/apptoken", trackunit.uri())),
+        ("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS".into(), "1".into()),
         ("TOKENVAULT_UPSTREAM_BACKOFF_MS".into(), "10".into()),
         ("TOKENVAULT_UPSTREAM_TIMEOUT_SECS".into(), "5".into()),
     ]);
@@ -284,9 +238,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     }
     let encryption_keys = vars["TOKENVAULT_ENCRYPTION_KEYS"].clone();
     let settings = Settings::load(&Source::from_map(vars)).expect("test settings are valid");
-    let app = Application::build(settings)
-        .await
-        .expect("the application starts");
+    let app = Application::build(settings).await.expect("the application starts");
     let (public, internal) = (app.public_port(), app.internal_port());
     tokio::spawn(app.run_until_stopped());
 
@@ -313,20 +265,10 @@ impl TestApp {
 
     /// Sends a callback with the given identity header value and JSON body.
     pub async fn callback(&self, identity: Option<&str>, body: &Value) -> reqwest::Response {
-        self.callback_raw(
-            identity,
-            "application/json",
-            serde_json::to_vec(body).unwrap(),
-        )
-        .await
+        self.callback_raw(identity, "application/json", serde_json::to_vec(body).unwrap()).await
     }
 
-    pub async fn callback_raw(
-        &self,
-        identity: Option<&str>,
-        content_type: &str,
-        body: Vec<u8>,
-    ) -> reqwest::Response {
+    pub async fn callback_raw(&self, identity: Option<&str>, content_type: &str, body: Vec<u8>) -> reqwest::Response {
         let mut request = self
             .http
             .post(format!("{}/callbacks/trackunit", self.public))
@@ -341,9 +283,7 @@ impl TestApp {
     /// Installs `account_id` with fresh credentials and checks it was acknowledged.
     pub async fn install(&self, account_id: &str) -> Credentials {
         let credentials = credentials();
-        let response = self
-            .callback(Some(&identity()), &installed_body(account_id, &credentials))
-            .await;
+        let response = self.callback(Some(&identity()), &installed_body(account_id, &credentials)).await;
         assert_eq!(response.status(), 204, "install acknowledged");
         credentials
     }
@@ -353,27 +293,12 @@ impl TestApp {
         let key = ServiceKey::generate();
         let to_vec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let name = format!("client-{}", uuid::Uuid::new_v4().simple());
-        api_client::create(
-            &self.pool,
-            &name,
-            &key.sha256(),
-            &to_vec(accounts),
-            &to_vec(scopes),
-            admin,
-        )
-        .await
-        .unwrap();
+        api_client::create(&self.pool, &name, &key.sha256(), &to_vec(accounts), &to_vec(scopes), admin).await.unwrap();
         key.expose().to_owned()
     }
 
     pub async fn token(&self, key: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}/v1/tokens", self.internal))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+        self.http.post(format!("{}/v1/tokens", self.internal)).bearer_auth(key).json(body).send().await.unwrap()
     }
 
     /// Every installation row as JSON text (ciphertext hex-encoded), to compare database states.
@@ -388,10 +313,7 @@ impl TestApp {
     }
 
     pub async fn installation_count(&self) -> i64 {
-        sqlx::query_scalar("select count(*) from installation")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar("select count(*) from installation").fetch_one(&self.pool).await.unwrap()
     }
 
     pub async fn status_of(&self, account_id: &str) -> String {
@@ -406,10 +328,7 @@ impl TestApp {
 /// Asserts a problem+json answer with `status` and `code`; returns the body.
 pub async fn assert_problem(response: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(response.status(), status, "status");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned());
+    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(content_type.as_deref(), Some("application/problem+json"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["code"], code, "{body}");
@@ -431,12 +350,7 @@ impl DatabaseProxy {
     pub async fn start(target: String) -> Arc<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let proxy = Arc::new(Self {
-            port,
-            target,
-            running: Mutex::new(None),
-            connections: Arc::default(),
-        });
+        let proxy = Arc::new(Self { port, target, running: Mutex::new(None), connections: Arc::default() });
         proxy.serve(listener);
         proxy
     }
@@ -488,4 +402,17 @@ pub async fn proxied(database_url: &str) -> (Arc<DatabaseProxy>, String) {
     through.set_host(Some("127.0.0.1")).unwrap();
     through.set_port(Some(proxy.port)).unwrap();
     (proxy, through.to_string())
+}
+
+/// Repeats `attempt` until `done` holds for its result, for at most 2 s (changes made outside the process
+/// reach its caches by NOTIFY, within milliseconds); returns the last result.
+pub async fn eventually<T, F: std::future::Future<Output = T>>(attempt: impl Fn() -> F, done: impl Fn(&T) -> bool) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let result = attempt().await;
+        if done(&result) || std::time::Instant::now() > deadline {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -17,15 +17,9 @@ fn fresh_claims() -> Value {
 
 /// Sends an INSTALLED with `identity` and asserts 401 `code`, nothing stored.
 async fn refused(app: &TestApp, identity: Option<&str>, code: &str) {
-    let response = app
-        .callback(identity, &installed_body("acc-1", &credentials()))
-        .await;
+    let response = app.callback(identity, &installed_body("acc-1", &credentials())).await;
     assert_problem(response, 401, code).await;
-    assert_eq!(
-        app.installation_count().await,
-        0,
-        "nothing stored for {identity:?}"
-    );
+    assert_eq!(app.installation_count().await, 0, "nothing stored for {identity:?}");
 }
 
 #[tokio::test]
@@ -38,14 +32,7 @@ async fn a_missing_or_empty_identity_header_gets_401() {
 #[tokio::test]
 async fn garbage_tokens_get_401() {
     let app = spawn_app().await;
-    for garbage in [
-        "garbage",
-        "a.b",
-        "a.b.c",
-        "....",
-        "Bearer ",
-        &"x".repeat(9000),
-    ] {
+    for garbage in ["garbage", "a.b", "a.b.c", "....", "Bearer ", &"x".repeat(9000)] {
         refused(&app, Some(garbage), "invalid_identity").await;
     }
 }
@@ -57,23 +44,13 @@ async fn a_bad_signature_gets_401() {
     let pem = fixture("rsa-b.pem");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("rsa-a".into());
-    let forged = jsonwebtoken::encode(
-        &header,
-        &fresh_claims(),
-        &EncodingKey::from_rsa_pem(&pem).unwrap(),
-    )
-    .unwrap();
+    let forged = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
     refused(&app, Some(&forged), "invalid_identity").await;
 
     // A valid token with its claims swapped.
     let good = identity();
     let parts: Vec<&str> = good.split('.').collect();
-    let tampered = format!(
-        "{}.{}.{}",
-        parts[0],
-        b64(&json!({"iat": now(), "exp": now() + 99_999})),
-        parts[2]
-    );
+    let tampered = format!("{}.{}.{}", parts[0], b64(&json!({"iat": now(), "exp": now() + 99_999})), parts[2]);
     refused(&app, Some(&tampered), "invalid_identity").await;
 }
 
@@ -83,12 +60,7 @@ async fn an_unknown_kid_gets_401() {
     let pem = fixture("rsa-a.pem");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("not-in-the-jwks".into());
-    let token = jsonwebtoken::encode(
-        &header,
-        &fresh_claims(),
-        &EncodingKey::from_rsa_pem(&pem).unwrap(),
-    )
-    .unwrap();
+    let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
     refused(&app, Some(&token), "invalid_identity").await;
 }
 
@@ -96,11 +68,7 @@ async fn an_unknown_kid_gets_401() {
 async fn alg_none_gets_401() {
     let app = spawn_app().await;
     for alg in ["none", "None", "NONE"] {
-        let token = format!(
-            "{}.{}.",
-            b64(&json!({"alg": alg, "kid": "rsa-a"})),
-            b64(&fresh_claims())
-        );
+        let token = format!("{}.{}.", b64(&json!({"alg": alg, "kid": "rsa-a"})), b64(&fresh_claims()));
         refused(&app, Some(&token), "invalid_identity").await;
     }
 }
@@ -111,35 +79,18 @@ async fn hs256_signed_with_the_public_key_gets_401() {
     let public_pem = fixture("rsa-a.pub.pem");
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("rsa-a".into());
-    let token = jsonwebtoken::encode(
-        &header,
-        &fresh_claims(),
-        &EncodingKey::from_secret(&public_pem),
-    )
-    .unwrap();
+    let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_secret(&public_pem)).unwrap();
     refused(&app, Some(&token), "invalid_identity").await;
 }
 
 #[tokio::test]
 async fn expired_and_not_yet_valid_tokens_get_401() {
     let app = spawn_app().await;
-    let expired = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({"iat": now() - 600, "exp": now() - 61}),
-    );
+    let expired = sign("rsa-a", Algorithm::RS256, &json!({"iat": now() - 600, "exp": now() - 61}));
     refused(&app, Some(&expired), "invalid_identity").await;
-    let future_nbf = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({"exp": now() + 600, "nbf": now() + 120}),
-    );
+    let future_nbf = sign("rsa-a", Algorithm::RS256, &json!({"exp": now() + 600, "nbf": now() + 120}));
     refused(&app, Some(&future_nbf), "invalid_identity").await;
-    let future_iat = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({"exp": now() + 600, "iat": now() + 120}),
-    );
+    let future_iat = sign("rsa-a", Algorithm::RS256, &json!({"exp": now() + 600, "iat": now() + 120}));
     refused(&app, Some(&future_iat), "invalid_identity").await;
     let no_exp = sign("rsa-a", Algorithm::RS256, &json!({"iat": now()}));
     refused(&app, Some(&no_exp), "invalid_identity").await;
@@ -149,9 +100,7 @@ async fn expired_and_not_yet_valid_tokens_get_401() {
 async fn expiry_within_the_60_s_leeway_is_accepted() {
     let app = spawn_app().await;
     let token = sign("rsa-a", Algorithm::RS256, &json!({"exp": now() - 30}));
-    let response = app
-        .callback(Some(&token), &installed_body("acc-1", &credentials()))
-        .await;
+    let response = app.callback(Some(&token), &installed_body("acc-1", &credentials())).await;
     assert_eq!(response.status(), 204);
 }
 
@@ -159,100 +108,46 @@ async fn expiry_within_the_60_s_leeway_is_accepted() {
 async fn wrong_issuer_or_audience_gets_401_when_configured() {
     let app = spawn_app_with(Options {
         vars: vec![
-            (
-                "TOKENVAULT_TRACKUNIT_ISSUER",
-                "https://iris.trackunit.com".into(),
-            ),
+            ("TOKENVAULT_TRACKUNIT_ISSUER", "https://iris.trackunit.com".into()),
             ("TOKENVAULT_TRACKUNIT_AUDIENCE", APP_ID.into()),
         ],
         ..Options::default()
     })
     .await;
     let claims = |iss: &str, aud: &str| json!({"exp": now() + 300, "iss": iss, "aud": aud});
+    refused(&app, Some(&sign("rsa-a", Algorithm::RS256, &claims("https://evil.example", APP_ID))), "invalid_identity")
+        .await;
     refused(
         &app,
-        Some(&sign(
-            "rsa-a",
-            Algorithm::RS256,
-            &claims("https://evil.example", APP_ID),
-        )),
+        Some(&sign("rsa-a", Algorithm::RS256, &claims("https://iris.trackunit.com", "@other/app"))),
         "invalid_identity",
     )
     .await;
-    refused(
-        &app,
-        Some(&sign(
-            "rsa-a",
-            Algorithm::RS256,
-            &claims("https://iris.trackunit.com", "@other/app"),
-        )),
-        "invalid_identity",
-    )
-    .await;
-    refused(
-        &app,
-        Some(&sign("rsa-a", Algorithm::RS256, &fresh_claims())),
-        "invalid_identity",
-    )
-    .await;
+    refused(&app, Some(&sign("rsa-a", Algorithm::RS256, &fresh_claims())), "invalid_identity").await;
 
-    let good = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &claims("https://iris.trackunit.com", APP_ID),
-    );
-    assert_eq!(
-        app.callback(Some(&good), &installed_body("acc-1", &credentials()))
-            .await
-            .status(),
-        204
-    );
+    let good = sign("rsa-a", Algorithm::RS256, &claims("https://iris.trackunit.com", APP_ID));
+    assert_eq!(app.callback(Some(&good), &installed_body("acc-1", &credentials())).await.status(), 204);
 }
 
 #[tokio::test]
 async fn claims_naming_another_account_or_app_get_401() {
     let app = spawn_app().await;
-    let other_account = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({"exp": now() + 300, "accountId": "acc-2"}),
-    );
+    let other_account = sign("rsa-a", Algorithm::RS256, &json!({"exp": now() + 300, "accountId": "acc-2"}));
     refused(&app, Some(&other_account), "invalid_identity").await;
-    let other_app = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({"exp": now() + 300, "irisAppId": "@evil/app"}),
-    );
+    let other_app = sign("rsa-a", Algorithm::RS256, &json!({"exp": now() + 300, "irisAppId": "@evil/app"}));
     refused(&app, Some(&other_app), "invalid_identity").await;
 
-    let matching = sign(
-        "rsa-a",
-        Algorithm::RS256,
-        &json!({"exp": now() + 300, "accountId": "acc-1", "irisAppId": APP_ID}),
-    );
-    assert_eq!(
-        app.callback(Some(&matching), &installed_body("acc-1", &credentials()))
-            .await
-            .status(),
-        204
-    );
+    let matching =
+        sign("rsa-a", Algorithm::RS256, &json!({"exp": now() + 300, "accountId": "acc-1", "irisAppId": APP_ID}));
+    assert_eq!(app.callback(Some(&matching), &installed_body("acc-1", &credentials())).await.status(), 204);
 }
 
 #[tokio::test]
 async fn ec_and_eddsa_keys_from_the_jwks_are_accepted() {
     let app = spawn_app().await;
-    for (key, alg, account) in [
-        ("ec-p256", Algorithm::ES256, "acc-ec"),
-        ("ed25519", Algorithm::EdDSA, "acc-ed"),
-    ] {
+    for (key, alg, account) in [("ec-p256", Algorithm::ES256, "acc-ec"), ("ed25519", Algorithm::EdDSA, "acc-ed")] {
         let token = sign(key, alg, &fresh_claims());
-        assert_eq!(
-            app.callback(Some(&token), &installed_body(account, &credentials()))
-                .await
-                .status(),
-            204,
-            "{key}"
-        );
+        assert_eq!(app.callback(Some(&token), &installed_body(account, &credentials())).await.status(), 204, "{key}");
     }
 }
 
@@ -260,20 +155,13 @@ async fn ec_and_eddsa_keys_from_the_jwks_are_accepted() {
 async fn a_key_removed_from_the_jwks_stops_working_after_the_refresh() {
     let app = spawn_app().await;
     let by_b = || sign("rsa-b", Algorithm::RS256, &fresh_claims());
-    assert_eq!(
-        app.callback(Some(&by_b()), &installed_body("acc-1", &credentials()))
-            .await
-            .status(),
-        204
-    );
+    assert_eq!(app.callback(Some(&by_b()), &installed_body("acc-1", &credentials())).await.status(), 204);
 
     *app.jwks.lock().unwrap() = json!({ "keys": [jwk("rsa-a")] });
     // The fake JWKS says max-age=1 and the test minimum refresh interval is 1 s.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let before = app.snapshot().await;
-    let response = app
-        .callback(Some(&by_b()), &installed_body("acc-1", &credentials()))
-        .await;
+    let response = app.callback(Some(&by_b()), &installed_body("acc-1", &credentials())).await;
     assert_problem(response, 401, "invalid_identity").await;
     assert_eq!(app.snapshot().await, before);
 }
@@ -281,50 +169,23 @@ async fn a_key_removed_from_the_jwks_stops_working_after_the_refresh() {
 #[tokio::test]
 async fn a_key_added_to_the_jwks_is_found_by_refetching_on_an_unknown_kid() {
     // A long max-age: only the unknown kid can make tokenvault fetch again.
-    let app = spawn_app_with(Options {
-        jwks_max_age: 3600,
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options { jwks_max_age: 3600, ..Options::default() }).await;
     // Past the 1 s minimum refresh interval of the tests.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let fetches = app.jwks_fetches().await;
     let token = sign("ec-p256", Algorithm::ES256, &fresh_claims());
-    assert_eq!(
-        app.callback(Some(&token), &installed_body("acc-1", &credentials()))
-            .await
-            .status(),
-        204
-    );
-    assert_eq!(
-        app.jwks_fetches().await,
-        fetches,
-        "a known kid causes no fetch"
-    );
+    assert_eq!(app.callback(Some(&token), &installed_body("acc-1", &credentials())).await.status(), 204);
+    assert_eq!(app.jwks_fetches().await, fetches, "a known kid causes no fetch");
 
     let pem = fixture("rsa-a.pem");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("rotated-in".into());
-    let token = jsonwebtoken::encode(
-        &header,
-        &fresh_claims(),
-        &EncodingKey::from_rsa_pem(&pem).unwrap(),
-    )
-    .unwrap();
+    let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
     let mut rotated = jwk("rsa-a");
     rotated["kid"] = "rotated-in".into();
     *app.jwks.lock().unwrap() = json!({ "keys": [jwk("rsa-a"), rotated] });
-    assert_eq!(
-        app.callback(Some(&token), &installed_body("acc-2", &credentials()))
-            .await
-            .status(),
-        204
-    );
-    assert_eq!(
-        app.jwks_fetches().await,
-        fetches + 1,
-        "the unknown kid caused exactly one fetch"
-    );
+    assert_eq!(app.callback(Some(&token), &installed_body("acc-2", &credentials())).await.status(), 204);
+    assert_eq!(app.jwks_fetches().await, fetches + 1, "the unknown kid caused exactly one fetch");
 }
 
 #[tokio::test]
@@ -340,17 +201,8 @@ async fn unknown_kids_refetch_the_jwks_at_most_once_per_min_refresh_interval() {
         let pem = fixture("rsa-a.pem");
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(format!("unknown-{i}"));
-        let token = jsonwebtoken::encode(
-            &header,
-            &fresh_claims(),
-            &EncodingKey::from_rsa_pem(&pem).unwrap(),
-        )
-        .unwrap();
+        let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
         refused(&app, Some(&token), "invalid_identity").await;
     }
-    assert_eq!(
-        app.jwks_fetches().await,
-        fetches,
-        "the start-up fetch was under 30 s ago: no refetch"
-    );
+    assert_eq!(app.jwks_fetches().await, fetches, "the start-up fetch was under 30 s ago: no refetch");
 }

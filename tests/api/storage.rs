@@ -9,12 +9,8 @@ async fn the_database_holds_no_plaintext_client_id_secret_or_access_token() {
     let app = spawn_app().await;
     let credentials = app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    let body: serde_json::Value = app
-        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let body: serde_json::Value =
+        app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.json().await.unwrap();
     let access_token = body["access_token"].as_str().unwrap().to_owned();
 
     // Every byte of every table we own, as text and as hex.
@@ -36,24 +32,10 @@ async fn the_database_holds_no_plaintext_client_id_secret_or_access_token() {
     .await
     .unwrap();
     let raw: Vec<u8> = blobs.concat();
-    for secret in [
-        &credentials.client_id,
-        &credentials.client_secret,
-        &access_token,
-        &key,
-    ] {
-        assert!(
-            !dump.contains(secret.as_str()),
-            "{secret} found in the database"
-        );
-        assert!(
-            !dump.contains(&hex::encode(secret)),
-            "{secret} found hex-encoded"
-        );
-        assert!(
-            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{secret} found in a ciphertext"
-        );
+    for secret in [&credentials.client_id, &credentials.client_secret, &access_token, &key] {
+        assert!(!dump.contains(secret.as_str()), "{secret} found in the database");
+        assert!(!dump.contains(&hex::encode(secret)), "{secret} found hex-encoded");
+        assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} found in a ciphertext");
     }
 }
 
@@ -71,18 +53,11 @@ async fn ciphertext_swapped_between_rows_fails_to_decrypt_and_no_upstream_call_i
     .await
     .unwrap();
     let key = app.client(&["*"], &["*"], false).await;
-    let response = app
-        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
-        .await;
+    let response = app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await;
     assert_problem(response, 500, "credentials_unreadable").await;
     assert_eq!(app.upstream.call_count(), 0);
     // The row it was taken from still works.
-    assert_eq!(
-        app.token(&key, &json!({"account_id": "acc-2", "scopes": ["a"]}))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.token(&key, &json!({"account_id": "acc-2", "scopes": ["a"]})).await.status(), 200);
 }
 
 #[tokio::test]
@@ -94,9 +69,7 @@ async fn a_client_id_moved_into_the_secret_column_of_its_own_row_fails_to_decryp
         .await
         .unwrap();
     let key = app.client(&["*"], &["*"], false).await;
-    let response = app
-        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
-        .await;
+    let response = app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await;
     assert_problem(response, 500, "credentials_unreadable").await;
     assert_eq!(app.upstream.call_count(), 0);
 }
@@ -107,12 +80,8 @@ async fn a_cached_token_is_shared_through_the_database_by_another_process() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    let first: serde_json::Value = app
-        .token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let first: serde_json::Value =
+        app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.json().await.unwrap();
 
     let settings = tokenvault::settings::Settings::load(&tokenvault::settings::Source::from_map(
         [
@@ -120,23 +89,15 @@ async fn a_cached_token_is_shared_through_the_database_by_another_process() {
             ("TOKENVAULT_PUBLIC_ADDR", "127.0.0.1:0"),
             ("TOKENVAULT_INTERNAL_ADDR", "127.0.0.1:0"),
             ("TOKENVAULT_ENCRYPTION_KEYS", app.encryption_keys.as_str()),
-            (
-                "TOKENVAULT_TRACKUNIT_JWKS_URL",
-                &format!("{}/jwks", app.trackunit.uri()),
-            ),
-            (
-                "TOKENVAULT_TRACKUNIT_TOKEN_URL",
-                &format!("{}/apptoken", app.trackunit.uri()),
-            ),
+            ("TOKENVAULT_TRACKUNIT_JWKS_URL", &format!("{}/jwks", app.trackunit.uri())),
+            ("TOKENVAULT_TRACKUNIT_TOKEN_URL", &format!("{}/apptoken", app.trackunit.uri())),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect(),
     ))
     .unwrap();
-    let replica = tokenvault::startup::Application::build(settings)
-        .await
-        .unwrap();
+    let replica = tokenvault::startup::Application::build(settings).await.unwrap();
     let replica_url = format!("http://127.0.0.1:{}", replica.internal_port());
     tokio::spawn(replica.run_until_stopped());
     let second: serde_json::Value = app

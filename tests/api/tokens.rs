@@ -12,23 +12,19 @@ fn request(account: &str, scopes: &[&str]) -> Value {
 async fn install_then_token_round_trip_mints_with_the_stored_credentials() {
     let app = spawn_app().await;
     let credentials = app.install("acc-1").await;
-    let key = app
-        .client(&["acc-1"], &["asset.view", "asset.edit"], false)
-        .await;
+    let key = app.client(&["acc-1"], &["asset.view", "asset.edit"], false).await;
 
-    let response = app.token(&key, &json!({"account_id": "acc-1", "scopes": ["asset.view", "asset.edit"], "app_id": APP_ID})).await;
+    let response = app
+        .token(&key, &json!({"account_id": "acc-1", "scopes": ["asset.view", "asset.edit"], "app_id": APP_ID}))
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["cache-control"], "no-store");
     let body: Value = response.json().await.unwrap();
-    assert_eq!(
-        body["access_token"],
-        app.upstream.issued.lock().unwrap()[0].as_str()
-    );
+    assert_eq!(body["access_token"], app.upstream.issued.lock().unwrap()[0].as_str());
     assert_eq!(body["token_type"], "Bearer");
     let expires_in = body["expires_in"].as_i64().unwrap();
     assert!((3590..=3600).contains(&expires_in), "{expires_in}");
-    let expires_at =
-        chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap()).unwrap();
+    let expires_at = chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap()).unwrap();
     assert!((expires_at.timestamp() - now() - expires_in).abs() <= 1);
     assert_eq!(body["scope"], "asset.edit asset.view");
 
@@ -45,29 +41,14 @@ async fn a_second_request_is_served_from_the_cache_without_an_upstream_call() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    let first: Value = app
-        .token(&key, &request("acc-1", &["a", "b"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let first: Value = app.token(&key, &request("acc-1", &["a", "b"])).await.json().await.unwrap();
     // Same scopes in another order and repeated: the same cache entry.
-    let second: Value = app
-        .token(&key, &request("acc-1", &["b", "a", "b"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let second: Value = app.token(&key, &request("acc-1", &["b", "a", "b"])).await.json().await.unwrap();
     assert_eq!(first["access_token"], second["access_token"]);
     assert_eq!(app.upstream.call_count(), 1);
 
     // Another scope set is another token.
-    let third: Value = app
-        .token(&key, &request("acc-1", &["a"]))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let third: Value = app.token(&key, &request("acc-1", &["a"])).await.json().await.unwrap();
     assert_ne!(first["access_token"], third["access_token"]);
     assert_eq!(app.upstream.call_count(), 2);
 }
@@ -116,11 +97,7 @@ async fn a_min_ttl_longer_than_tokens_live_does_not_mint_on_every_request() {
     for _ in 0..5 {
         assert_eq!(app.token(&key, &ask).await.status(), 200);
     }
-    assert_eq!(
-        app.upstream.call_count(),
-        1,
-        "served while at least half its life is left"
-    );
+    assert_eq!(app.upstream.call_count(), 1, "served while at least half its life is left");
 }
 
 #[tokio::test]
@@ -142,30 +119,15 @@ async fn a_missing_or_wrong_service_key_gets_401() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    let response = app
-        .http
-        .post(format!("{}/v1/tokens", app.internal))
-        .json(&request("acc-1", &["a"]))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        app.http.post(format!("{}/v1/tokens", app.internal)).json(&request("acc-1", &["a"])).send().await.unwrap();
     assert!(response.headers().contains_key("www-authenticate"));
     assert_problem(response, 401, "unauthenticated").await;
     let mut off_by_one = key.clone().into_bytes();
     let last = off_by_one.len() - 1;
     off_by_one[last] = if off_by_one[last] == b'A' { b'B' } else { b'A' };
-    for wrong in [
-        String::from_utf8(off_by_one).unwrap(),
-        "tvk_nope".into(),
-        key[4..].to_owned(),
-        format!("{key}x"),
-    ] {
-        assert_problem(
-            app.token(&wrong, &request("acc-1", &["a"])).await,
-            401,
-            "unauthenticated",
-        )
-        .await;
+    for wrong in [String::from_utf8(off_by_one).unwrap(), "tvk_nope".into(), key[4..].to_owned(), format!("{key}x")] {
+        assert_problem(app.token(&wrong, &request("acc-1", &["a"])).await, 401, "unauthenticated").await;
     }
     // 401 comes before 400: an unauthenticated caller learns nothing about the body.
     let response = app
@@ -185,20 +147,12 @@ async fn a_revoked_key_gets_401() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    assert_eq!(
-        app.token(&key, &request("acc-1", &["a"])).await.status(),
-        200
-    );
-    sqlx::query("update api_client set revoked_at = now()")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        401,
-        "unauthenticated",
-    )
-    .await;
+    assert_eq!(app.token(&key, &request("acc-1", &["a"])).await.status(), 200);
+    // Revoked behind tokenvault's back (psql, another process): the row's NOTIFY reaches every replica.
+    sqlx::query("update api_client set revoked_at = now()").execute(&app.pool).await.unwrap();
+    let body = request("acc-1", &["a"]);
+    let response = eventually(|| app.token(&key, &body), |r| r.status() == 401).await;
+    assert_problem(response, 401, "unauthenticated").await;
 }
 
 #[tokio::test]
@@ -206,26 +160,10 @@ async fn a_key_without_the_account_or_a_scope_gets_403_whether_or_not_the_accoun
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["acc-2"], &["asset.view"], false).await;
-    assert_problem(
-        app.token(&key, &request("acc-1", &["asset.view"])).await,
-        403,
-        "forbidden",
-    )
-    .await;
-    assert_problem(
-        app.token(&key, &request("acc-9", &["asset.view"])).await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_problem(app.token(&key, &request("acc-1", &["asset.view"])).await, 403, "forbidden").await;
+    assert_problem(app.token(&key, &request("acc-9", &["asset.view"])).await, 403, "forbidden").await;
     let key = app.client(&["acc-1"], &["asset.view"], false).await;
-    assert_problem(
-        app.token(&key, &request("acc-1", &["asset.view", "asset.edit"]))
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_problem(app.token(&key, &request("acc-1", &["asset.view", "asset.edit"])).await, 403, "forbidden").await;
     assert_eq!(app.upstream.call_count(), 0);
 }
 
@@ -262,35 +200,18 @@ async fn an_account_with_two_apps_needs_app_id_else_409() {
     body["irisAppId"] = "@acme/second-app".into();
     assert_eq!(app.callback(Some(&identity()), &body).await.status(), 204);
     let key = app.client(&["*"], &["*"], false).await;
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        409,
-        "ambiguous_app",
-    )
-    .await;
-    let response = app
-        .token(
-            &key,
-            &json!({"account_id": "acc-1", "scopes": ["a"], "app_id": "@acme/second-app"}),
-        )
-        .await;
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 409, "ambiguous_app").await;
+    let response =
+        app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"], "app_id": "@acme/second-app"})).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        app.upstream.calls.lock().unwrap()[0]["client_secret"],
-        other.client_secret
-    );
+    assert_eq!(app.upstream.calls.lock().unwrap()[0]["client_secret"], other.client_secret);
 }
 
 #[tokio::test]
 async fn an_account_never_installed_gets_404() {
     let app = spawn_app().await;
     let key = app.client(&["*"], &["*"], false).await;
-    assert_problem(
-        app.token(&key, &request("acc-404", &["a"])).await,
-        404,
-        "not_installed",
-    )
-    .await;
+    assert_problem(app.token(&key, &request("acc-404", &["a"])).await, 404, "not_installed").await;
 }
 
 #[tokio::test]
@@ -299,20 +220,11 @@ async fn upstream_500_then_200_is_retried_and_succeeds() {
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
     app.upstream.set(vec![
-        Upstream::Fail {
-            status: 500,
-            body: json!({}),
-        },
-        Upstream::Fail {
-            status: 503,
-            body: json!({}),
-        },
+        Upstream::Fail { status: 500, body: json!({}) },
+        Upstream::Fail { status: 503, body: json!({}) },
         Upstream::Mint { expires_in: 3600 },
     ]);
-    assert_eq!(
-        app.token(&key, &request("acc-1", &["a"])).await.status(),
-        200
-    );
+    assert_eq!(app.token(&key, &request("acc-1", &["a"])).await.status(), 200);
     assert_eq!(app.upstream.call_count(), 3);
 }
 
@@ -321,17 +233,8 @@ async fn upstream_429_is_retried() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    app.upstream.set(vec![
-        Upstream::Fail {
-            status: 429,
-            body: json!({}),
-        },
-        Upstream::Mint { expires_in: 3600 },
-    ]);
-    assert_eq!(
-        app.token(&key, &request("acc-1", &["a"])).await.status(),
-        200
-    );
+    app.upstream.set(vec![Upstream::Fail { status: 429, body: json!({}) }, Upstream::Mint { expires_in: 3600 }]);
+    assert_eq!(app.token(&key, &request("acc-1", &["a"])).await.status(), 200);
     assert_eq!(app.upstream.call_count(), 2);
 }
 
@@ -340,57 +243,28 @@ async fn upstream_5xx_three_times_gives_502_upstream_error() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    app.upstream.set(vec![Upstream::Fail {
-        status: 502,
-        body: json!({}),
-    }]);
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        502,
-        "upstream_error",
-    )
-    .await;
+    app.upstream.set(vec![Upstream::Fail { status: 502, body: json!({}) }]);
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 502, "upstream_error").await;
     assert_eq!(app.upstream.call_count(), 3);
 }
 
 #[tokio::test]
-async fn upstream_invalid_client_gives_502_and_marks_the_installation_rejected_until_a_new_install()
-{
+async fn upstream_invalid_client_gives_502_and_marks_the_installation_rejected_until_a_new_install() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    app.upstream.set(vec![Upstream::Fail {
-        status: 401,
-        body: json!({"error": "invalid_client"}),
-    }]);
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        502,
-        "upstream_rejected",
-    )
-    .await;
+    app.upstream.set(vec![Upstream::Fail { status: 401, body: json!({"error": "invalid_client"}) }]);
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 502, "upstream_rejected").await;
     assert_eq!(app.status_of("acc-1").await, "rejected");
     assert_eq!(app.upstream.call_count(), 1);
 
-    assert_problem(
-        app.token(&key, &request("acc-1", &["b"])).await,
-        502,
-        "upstream_rejected",
-    )
-    .await;
-    assert_eq!(
-        app.upstream.call_count(),
-        1,
-        "no upstream call is wasted on rejected credentials"
-    );
+    assert_problem(app.token(&key, &request("acc-1", &["b"])).await, 502, "upstream_rejected").await;
+    assert_eq!(app.upstream.call_count(), 1, "no upstream call is wasted on rejected credentials");
 
     app.upstream.set(vec![Upstream::Mint { expires_in: 3600 }]);
     app.install("acc-1").await;
     assert_eq!(app.status_of("acc-1").await, "active");
-    assert_eq!(
-        app.token(&key, &request("acc-1", &["a"])).await.status(),
-        200
-    );
+    assert_eq!(app.token(&key, &request("acc-1", &["a"])).await.status(), 200);
 }
 
 #[tokio::test]
@@ -398,40 +272,17 @@ async fn upstream_invalid_scope_gives_422_and_other_4xx_give_502() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    app.upstream.set(vec![Upstream::Fail {
-        status: 400,
-        body: json!({"error": "invalid_scope"}),
-    }]);
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        422,
-        "invalid_scope",
-    )
-    .await;
-    app.upstream.set(vec![Upstream::Fail {
-        status: 403,
-        body: json!({"error": "access_denied"}),
-    }]);
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        502,
-        "upstream_rejected",
-    )
-    .await;
-    assert_eq!(
-        app.status_of("acc-1").await,
-        "active",
-        "only invalid_client rejects the installation"
-    );
+    app.upstream.set(vec![Upstream::Fail { status: 400, body: json!({"error": "invalid_scope"}) }]);
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 422, "invalid_scope").await;
+    app.upstream.set(vec![Upstream::Fail { status: 403, body: json!({"error": "access_denied"}) }]);
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 502, "upstream_rejected").await;
+    assert_eq!(app.status_of("acc-1").await, "active", "only invalid_client rejects the installation");
 }
 
 #[tokio::test]
 async fn an_unreachable_upstream_gives_503_with_retry_after() {
     let app = spawn_app_with(Options {
-        vars: vec![(
-            "TOKENVAULT_TRACKUNIT_TOKEN_URL",
-            "http://127.0.0.1:9/apptoken".into(),
-        )],
+        vars: vec![("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://127.0.0.1:9/apptoken".into())],
         ..Options::default()
     })
     .await;
@@ -444,18 +295,11 @@ async fn an_unreachable_upstream_gives_503_with_retry_after() {
 
 #[tokio::test]
 async fn an_upstream_slower_than_the_timeout_gives_503() {
-    let app = spawn_app_with(Options {
-        vars: vec![("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", "1".into())],
-        ..Options::default()
-    })
-    .await;
+    let app =
+        spawn_app_with(Options { vars: vec![("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", "1".into())], ..Options::default() })
+            .await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
     *app.upstream.delay.lock().unwrap() = Duration::from_secs(3);
-    assert_problem(
-        app.token(&key, &request("acc-1", &["a"])).await,
-        503,
-        "upstream_unavailable",
-    )
-    .await;
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 503, "upstream_unavailable").await;
 }

@@ -1,0 +1,125 @@
+//! One cached token and what we know of its demand: the largest `min_ttl` asked of it, and whether a
+//! background refresh is under way.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+
+use super::token::Token;
+
+pub(super) struct Entry {
+    pub token: Arc<Token>,
+    /// Largest `min_ttl` (seconds) asked of this token.
+    demand_secs: AtomicU64,
+    refreshing: AtomicBool,
+    /// Per-token random share of the margin, so tokens minted together are not refreshed together.
+    jitter: Duration,
+}
+
+impl Entry {
+    pub fn new(token: Arc<Token>, demand: Duration) -> Self {
+        let lifetime = token.lifetime();
+        let jitter_ms = rand::rng().random_range(0..=(lifetime / 10).as_millis().max(1) as u64);
+        Self {
+            token,
+            demand_secs: AtomicU64::new(demand.as_secs()),
+            refreshing: AtomicBool::new(false),
+            jitter: Duration::from_millis(jitter_ms),
+        }
+    }
+
+    pub fn note_demand(&self, min_ttl: Duration) {
+        self.demand_secs.fetch_max(min_ttl.as_secs(), Ordering::Relaxed);
+    }
+
+    pub fn demand(&self) -> Duration {
+        Duration::from_secs(self.demand_secs.load(Ordering::Relaxed))
+    }
+
+    /// Remaining life under which a refresh starts: the demand (capped at half the lifetime, as
+    /// [`Token::fresh_for`] does), plus a margin of a tenth of the lifetime, plus this entry's jitter.
+    pub fn refresh_threshold(&self) -> Duration {
+        let lifetime = self.token.lifetime();
+        self.demand().min(lifetime / 2) + lifetime / 10 + self.jitter
+    }
+
+    /// What a refreshed token must cover: comfortably more than the threshold, so a token stored by
+    /// another replica a moment ago counts while the one we hold does not.
+    pub fn refresh_target(&self) -> Duration {
+        self.refresh_threshold() + Duration::from_secs(1)
+    }
+
+    pub fn refresh_due(&self, now: DateTime<Utc>) -> bool {
+        (self.token.expires_at - now).to_std().is_ok_and(|left| left < self.refresh_threshold())
+    }
+
+    /// True for the one caller that gets to start the refresh.
+    pub fn claim_refresh(&self) -> bool {
+        !self.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn release_refresh(&self) {
+        self.refreshing.store(false, Ordering::Release);
+    }
+}
+
+/// Evicts a cached token from memory when it expires.
+pub(super) struct UntilExpiry;
+
+impl moka::Expiry<super::CacheKey, Arc<Entry>> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &super::CacheKey,
+        entry: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some((entry.token.expires_at - Utc::now()).to_std().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    fn entry(lifetime_secs: i64, demand_secs: u64) -> Entry {
+        let issued_at = Utc::now();
+        let token = Token {
+            access_token: SecretString::from("t"),
+            token_type: "Bearer".into(),
+            scope: "a".into(),
+            issued_at,
+            expires_at: issued_at + chrono::Duration::seconds(lifetime_secs),
+        };
+        Entry::new(Arc::new(token), Duration::from_secs(demand_secs))
+    }
+
+    #[test]
+    fn refresh_is_due_when_the_demand_plus_margin_is_no_longer_left() {
+        let e = entry(1000, 60);
+        let threshold = e.refresh_threshold();
+        assert!(threshold >= Duration::from_secs(160) && threshold <= Duration::from_secs(260), "{threshold:?}");
+        let at = |left: i64| e.token.expires_at - chrono::Duration::seconds(left);
+        assert!(!e.refresh_due(at(300)));
+        assert!(e.refresh_due(at(150)));
+    }
+
+    #[test]
+    fn a_demand_beyond_the_lifetime_does_not_refresh_continuously() {
+        let e = entry(300, 86_400);
+        assert!(e.refresh_threshold() < Duration::from_secs(300));
+        assert!(!e.refresh_due(e.token.issued_at + chrono::Duration::seconds(10)));
+    }
+
+    #[test]
+    fn only_one_caller_claims_the_refresh() {
+        let e = entry(100, 0);
+        assert!(e.claim_refresh());
+        assert!(!e.claim_refresh());
+        e.release_refresh();
+        assert!(e.claim_refresh());
+    }
+}
