@@ -5,5 +5,6 @@ mod admin;
 mod callbacks;
 mod helpers;
 mod identity;
+mod resilience;
 mod storage;
 mod tokens;

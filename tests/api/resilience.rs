@@ -1,0 +1,166 @@
+//! The token path under faults: refresh ahead, a failing or slow upstream, a database that goes away.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn timed(app: &TestApp, key: &str, body: &Value) -> (u16, Duration, Value) {
+    let started = Instant::now();
+    let response = app.token(key, body).await;
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, started.elapsed(), body)
+}
+
+#[tokio::test]
+async fn a_token_in_demand_is_refreshed_in_the_background_so_no_request_waits_for_the_upstream() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 4 }]);
+    let body = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": 1});
+    let (status, _, first) = timed(&app, &key, &body).await;
+    assert_eq!(status, 200);
+    // From now on every mint takes 600 ms: a request that waited for one would show it.
+    *app.upstream.delay.lock().unwrap() = Duration::from_millis(600);
+
+    let mut tokens = std::collections::HashSet::new();
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let (status, elapsed, body) = timed(&app, &key, &body).await;
+        assert_eq!(status, 200);
+        assert!(elapsed < Duration::from_millis(400), "a request waited {elapsed:?}");
+        assert!(body["expires_in"].as_i64().unwrap() >= 1, "always at least min_ttl left: {body}");
+        tokens.insert(body["access_token"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(tokens.len() >= 2, "the token was replaced ahead of expiry");
+    assert!(!tokens.contains(first["access_token"].as_str().unwrap()) || tokens.len() >= 2);
+    let calls = app.upstream.call_count();
+    assert!((2..=5).contains(&calls), "about one mint per 2-3 s of a 4 s token, not more: {calls}");
+}
+
+#[tokio::test]
+async fn a_token_nobody_asks_for_is_not_refreshed() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 2 }]);
+    assert_eq!(
+        app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": 0})).await.status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(app.upstream.call_count(), 1);
+}
+
+#[tokio::test]
+async fn with_the_upstream_down_a_still_valid_token_keeps_being_served_and_the_key_backs_off() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 6 }]);
+    let relaxed = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": 0});
+    let (_, _, first) = timed(&app, &key, &relaxed).await;
+    app.upstream.set(vec![Upstream::Fail { status: 503, body: json!({}) }]);
+
+    // Asking for more life than is left (2.5 s left < min(4 s, half of 6 s)) forces a mint, which fails:
+    // the valid token is served anyway.
+    let demanding = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": 4});
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (status, _, body) = timed(&app, &key, &demanding).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["access_token"], first["access_token"]);
+    let calls = app.upstream.call_count();
+    assert_eq!(calls, 1 + 3, "one mint, then three failed attempts");
+
+    // Backing off: the next request makes no upstream call and still gets the valid token.
+    let (status, _, body) = timed(&app, &key, &demanding).await;
+    assert_eq!((status, &body["access_token"]), (200, &first["access_token"]));
+    assert_eq!(app.upstream.call_count(), calls);
+
+    // Once no valid token is left, the failure shows: the backoff has passed, so the upstream is tried
+    // again (three attempts) and its 5xx answers 502.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_problem(app.token(&key, &relaxed).await, 502, "upstream_error").await;
+    // And straight after, inside the new backoff window: 503 with Retry-After, no upstream call.
+    let calls = app.upstream.call_count();
+    let response = app.token(&key, &relaxed).await;
+    assert!(response.headers().contains_key("retry-after"));
+    assert_problem(response, 503, "upstream_unavailable").await;
+    assert_eq!(app.upstream.call_count(), calls);
+}
+
+#[tokio::test]
+async fn a_failing_key_backs_off_instead_of_hammering_the_upstream() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Fail { status: 500, body: json!({}) }]);
+    let body = json!({"account_id": "acc-1", "scopes": ["a"]});
+    assert_problem(app.token(&key, &body).await, 502, "upstream_error").await;
+    assert_eq!(app.upstream.call_count(), 3);
+    for _ in 0..10 {
+        let response = app.token(&key, &body).await;
+        assert!(response.headers().contains_key("retry-after"));
+        assert_problem(response, 503, "upstream_unavailable").await;
+    }
+    assert_eq!(app.upstream.call_count(), 3, "no upstream call while backing off");
+    // Another key of the same installation is not held back.
+    app.upstream.set(vec![Upstream::Mint { expires_in: 3600 }]);
+    assert_eq!(app.token(&key, &json!({"account_id": "acc-1", "scopes": ["b"]})).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_slow_upstream_does_not_slow_requests_for_cached_tokens() {
+    let app =
+        spawn_app_with(Options { vars: vec![("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", "10".into())], ..Options::default() })
+            .await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let cached = json!({"account_id": "acc-1", "scopes": ["cached"]});
+    assert_eq!(app.token(&key, &cached).await.status(), 200);
+
+    *app.upstream.delay.lock().unwrap() = Duration::from_secs(5);
+    let slow = {
+        let (http, url, key) = (app.http.clone(), format!("{}/v1/tokens", app.internal), key.clone());
+        tokio::spawn(async move {
+            http.post(url).bearer_auth(key).json(&json!({"account_id": "acc-1", "scopes": ["cold"]})).send().await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        let (status, elapsed, _) = timed(&app, &key, &cached).await;
+        assert_eq!(status, 200);
+        assert!(elapsed < Duration::from_millis(200), "a cached token took {elapsed:?}");
+    }
+    assert!(!slow.is_finished(), "the cold request is still waiting for the slow upstream");
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn with_the_database_down_cached_tokens_keep_being_served_and_callbacks_recover_after_it() {
+    let app = spawn_app_with(Options { proxy_database: true, ..Options::default() }).await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let body = json!({"account_id": "acc-1", "scopes": ["a"]});
+    let (_, _, before) = timed(&app, &key, &body).await;
+
+    let proxy = app.proxy.clone().unwrap();
+    proxy.stop();
+    for _ in 0..20 {
+        let (status, _, during) = timed(&app, &key, &body).await;
+        assert_eq!(status, 200, "{during}");
+        assert_eq!(during["access_token"], before["access_token"]);
+    }
+    let response = app.callback(Some(&identity()), &installed_body("acc-2", &credentials())).await;
+    assert_problem(response, 503, "database_unavailable").await;
+
+    proxy.restart().await;
+    app.install("acc-2").await;
+    let (status, _, after) = timed(&app, &key, &body).await;
+    assert_eq!((status, &after["access_token"]), (200, &before["access_token"]));
+    assert_eq!(app.upstream.call_count(), 1);
+}
