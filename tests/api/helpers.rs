@@ -406,7 +406,10 @@ pub async fn proxied(database_url: &str) -> (Arc<DatabaseProxy>, String) {
 
 /// Repeats `attempt` until `done` holds for its result, for at most 2 s (changes made outside the process
 /// reach its caches by NOTIFY, within milliseconds); returns the last result.
-pub async fn eventually<T, F: std::future::Future<Output = T>>(attempt: impl Fn() -> F, done: impl Fn(&T) -> bool) -> T {
+pub async fn eventually<T, F: std::future::Future<Output = T>>(
+    attempt: impl Fn() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     loop {
         let result = attempt().await;
