@@ -56,6 +56,16 @@ pub enum KeysCommand {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Re-encrypt every stored secret under the first key of TOKENVAULT_ENCRYPTION_KEYS, in batches.
+    /// Resumable and safe while `serve` runs elsewhere (give those processes the new ring first).
+    /// Exits 1 naming the rows that could not be decrypted; they are left untouched.
+    Rotate {
+        /// Rows re-encrypted per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
+    },
+    /// How many stored secrets each key id protects, so you know when an old key can be dropped.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,8 +114,56 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Clients(command) => clients(command, &settings).await,
         Command::Installations(InstallationsCommand::List) => list_installations(&settings).await,
-        Command::Keys(_) => unreachable!("handled above"),
+        Command::Keys(KeysCommand::Rotate { batch_size }) => rotate(&settings, batch_size).await,
+        Command::Keys(KeysCommand::Status) => key_status(&settings).await,
+        Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
     }
+}
+
+async fn rotate(settings: &Settings, batch_size: i64) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    let report = crate::rotation::rotate(&pool, &settings.encryption_keys, batch_size).await?;
+    println!(
+        "re-encrypted {} installation(s) and {} cached token(s) under key {}; deleted {} expired cached token(s)",
+        report.installations,
+        report.cached_tokens,
+        settings.encryption_keys.primary_id(),
+        report.expired_tokens_deleted
+    );
+    if report.unreadable_installations.is_empty() && report.unreadable_tokens.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = report.unreadable_installations.iter().map(ToString::to_string).collect();
+    anyhow::bail!(
+        "could not decrypt, left untouched: installation(s) [{}], cached token(s) [{}]",
+        ids.join(", "),
+        report.unreadable_tokens.join(", ")
+    )
+}
+
+async fn key_status(settings: &Settings) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    let usage = installation::key_usage(&pool).await?;
+    let ring = &settings.encryption_keys;
+    println!("{:<34} {:<10} {:>14} {:>14}", "KEY ID", "IN RING", "INSTALLATIONS", "CACHED TOKENS");
+    let mut ids: Vec<String> = ring.ids().iter().map(|id| id.as_str().to_owned()).collect();
+    for (id, _, _) in &usage {
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    for id in ids {
+        let count = |table: &str| usage.iter().find(|(k, t, _)| *k == id && t == table).map_or(0, |(_, _, n)| *n);
+        let in_ring = if ring.primary_id().as_str() == id {
+            "primary"
+        } else if ring.contains(&id) {
+            "yes"
+        } else {
+            "MISSING"
+        };
+        println!("{id:<34} {in_ring:<10} {:>14} {:>14}", count("installation"), count("token_cache"));
+    }
+    Ok(())
 }
 
 fn generate(id: Option<&str>) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod identity;
 pub mod installs;
 pub mod outbound;
+pub mod rotation;
 pub mod routes;
 pub mod settings;
 pub mod startup;

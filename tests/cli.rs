@@ -213,3 +213,37 @@ async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    app.install("acc-2").await;
+    let next = format!("next:{}", tokenvault::crypto::generate_key());
+    let ring = format!("{next},{}", app.encryption_keys);
+
+    let status =
+        text(&run(tokenvault_for(&app).args(["keys", "status"]).env("TOKENVAULT_ENCRYPTION_KEYS", &ring)).stdout);
+    let line = status.lines().find(|l| l.starts_with("test ")).unwrap_or_default();
+    assert!(line.contains("yes") && line.split_whitespace().nth(2) == Some("2"), "{status}");
+
+    sqlx::query("update installation set client_secret_ciphertext = client_id_ciphertext where account_id = 'acc-2'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let broken: uuid::Uuid = sqlx::query_scalar("select id from installation where account_id = 'acc-2'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let output = run(tokenvault_for(&app)
+        .args(["keys", "rotate", "--batch-size", "1"])
+        .env("TOKENVAULT_ENCRYPTION_KEYS", &ring));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stdout).contains("re-encrypted 1 installation"), "{}", text(&output.stdout));
+    assert!(text(&output.stderr).contains(&broken.to_string()), "{}", text(&output.stderr));
+
+    let status =
+        text(&run(tokenvault_for(&app).args(["keys", "status"]).env("TOKENVAULT_ENCRYPTION_KEYS", &ring)).stdout);
+    let next_line = status.lines().find(|l| l.starts_with("next ")).unwrap_or_default();
+    assert!(next_line.contains("primary") && next_line.split_whitespace().nth(2) == Some("1"), "{status}");
+}

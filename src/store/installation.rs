@@ -208,3 +208,51 @@ pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<Summary>> {
     .fetch_all(pool)
     .await
 }
+
+/// Locks up to `limit` installations sealed under a key other than `primary`, skipping `exclude` (rows that
+/// failed before). Rows another transaction holds are waited for, so no concurrent install is lost.
+pub async fn lock_sealed_under_other_keys(
+    conn: &mut PgConnection,
+    primary: &str,
+    exclude: &[Uuid],
+    limit: i64,
+) -> sqlx::Result<Vec<Installation>> {
+    sqlx::query_as(&format!(
+        "select {COLUMNS} from installation
+         where key_id is not null and key_id <> $1 and not (id = any($2))
+         order by id limit $3 for update"
+    ))
+    .bind(primary)
+    .bind(exclude)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Replaces the ciphertexts of a locked installation with the same credentials sealed under another key.
+/// The credentials version is kept: nothing about the credentials changed.
+pub async fn reseal(conn: &mut PgConnection, id: Uuid, credentials: &SealedCredentials<'_>) -> sqlx::Result<()> {
+    sqlx::query(
+        "update installation set key_id = $2, client_id_ciphertext = $3, client_secret_ciphertext = $4
+         where id = $1",
+    )
+    .bind(id)
+    .bind(credentials.key_id)
+    .bind(credentials.client_id)
+    .bind(credentials.client_secret)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// How many sealed values each key id protects, per table: `(key_id, table, rows)`.
+pub async fn key_usage(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>> {
+    sqlx::query_as(
+        "select key_id, 'installation', count(*) from installation where key_id is not null group by key_id
+         union all
+         select key_id, 'token_cache', count(*) from token_cache group by key_id
+         order by 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+}

@@ -80,3 +80,51 @@ pub async fn delete_for_installation(conn: &mut PgConnection, installation_id: U
         sqlx::query("delete from token_cache where installation_id = $1").bind(installation_id).execute(conn).await?;
     Ok(result.rows_affected())
 }
+
+/// A cached token row with its key, for re-sealing.
+#[derive(sqlx::FromRow)]
+pub struct KeyedRow {
+    pub installation_id: Uuid,
+    pub scope_key: String,
+    pub credentials_version: i64,
+    pub key_id: String,
+    pub access_token_ciphertext: Vec<u8>,
+}
+
+/// Deletes tokens that have expired: they can never be served again, and they would keep an old key in use.
+pub async fn delete_expired(conn: &mut PgConnection) -> sqlx::Result<u64> {
+    Ok(sqlx::query("delete from token_cache where expires_at < now()").execute(conn).await?.rows_affected())
+}
+
+/// Locks up to `limit` cached tokens sealed under a key other than `primary`, skipping rows that failed.
+pub async fn lock_sealed_under_other_keys(
+    conn: &mut PgConnection,
+    primary: &str,
+    exclude: &[String],
+    limit: i64,
+) -> sqlx::Result<Vec<KeyedRow>> {
+    sqlx::query_as(
+        "select installation_id, scope_key, credentials_version, key_id, access_token_ciphertext from token_cache
+         where key_id <> $1 and not ((installation_id::text || '/' || scope_key) = any($2))
+         order by installation_id, scope_key limit $3 for update",
+    )
+    .bind(primary)
+    .bind(exclude)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn reseal(conn: &mut PgConnection, row: &KeyedRow, key_id: &str, ciphertext: &[u8]) -> sqlx::Result<()> {
+    sqlx::query(
+        "update token_cache set key_id = $3, access_token_ciphertext = $4
+         where installation_id = $1 and scope_key = $2",
+    )
+    .bind(row.installation_id)
+    .bind(&row.scope_key)
+    .bind(key_id)
+    .bind(ciphertext)
+    .execute(conn)
+    .await
+    .map(drop)
+}

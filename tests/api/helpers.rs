@@ -256,7 +256,39 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     }
 }
 
+/// Another tokenvault process over the same database and fake Trackunit.
+pub struct Replica {
+    pub public: String,
+    pub internal: String,
+}
+
 impl TestApp {
+    /// Starts another instance over this app's database, with `overrides` on top of its settings.
+    pub async fn replica(&self, overrides: &[(&str, &str)]) -> anyhow::Result<Replica> {
+        let mut vars: HashMap<String, String> = [
+            ("DATABASE_URL", self.database_url.as_str()),
+            ("TOKENVAULT_PUBLIC_ADDR", "127.0.0.1:0"),
+            ("TOKENVAULT_INTERNAL_ADDR", "127.0.0.1:0"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", self.encryption_keys.as_str()),
+            ("TOKENVAULT_TRACKUNIT_JWKS_URL", &format!("{}/jwks", self.trackunit.uri())),
+            ("TOKENVAULT_TRACKUNIT_TOKEN_URL", &format!("{}/apptoken", self.trackunit.uri())),
+            ("TOKENVAULT_UPSTREAM_BACKOFF_MS", "10"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        for (name, value) in overrides {
+            vars.insert((*name).to_owned(), (*value).to_owned());
+        }
+        let app = Application::build(Settings::load(&Source::from_map(vars))?).await?;
+        let replica = Replica {
+            public: format!("http://127.0.0.1:{}", app.public_port()),
+            internal: format!("http://127.0.0.1:{}", app.internal_port()),
+        };
+        tokio::spawn(app.run_until_stopped());
+        Ok(replica)
+    }
+
     /// How often the fake Trackunit served the JWKS.
     pub async fn jwks_fetches(&self) -> usize {
         let requests = self.trackunit.received_requests().await.unwrap_or_default();

@@ -6,5 +6,6 @@ mod callbacks;
 mod helpers;
 mod identity;
 mod resilience;
+mod rotation;
 mod storage;
 mod tokens;

@@ -83,23 +83,8 @@ async fn a_cached_token_is_shared_through_the_database_by_another_process() {
     let first: serde_json::Value =
         app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.json().await.unwrap();
 
-    let settings = tokenvault::settings::Settings::load(&tokenvault::settings::Source::from_map(
-        [
-            ("DATABASE_URL", app.database_url.as_str()),
-            ("TOKENVAULT_PUBLIC_ADDR", "127.0.0.1:0"),
-            ("TOKENVAULT_INTERNAL_ADDR", "127.0.0.1:0"),
-            ("TOKENVAULT_ENCRYPTION_KEYS", app.encryption_keys.as_str()),
-            ("TOKENVAULT_TRACKUNIT_JWKS_URL", &format!("{}/jwks", app.trackunit.uri())),
-            ("TOKENVAULT_TRACKUNIT_TOKEN_URL", &format!("{}/apptoken", app.trackunit.uri())),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-    ))
-    .unwrap();
-    let replica = tokenvault::startup::Application::build(settings).await.unwrap();
-    let replica_url = format!("http://127.0.0.1:{}", replica.internal_port());
-    tokio::spawn(replica.run_until_stopped());
+    let replica = app.replica(&[]).await.unwrap();
+    let replica_url = replica.internal;
     let second: serde_json::Value = app
         .http
         .post(format!("{replica_url}/v1/tokens"))
