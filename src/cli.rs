@@ -189,6 +189,10 @@ async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result
             TextField::parse(name.as_str()).map_err(|e| anyhow::anyhow!("--name {e}"))?;
             let accounts = grants(accounts, "--account", |a| TextField::parse(a).is_ok())?;
             let scopes = grants(scopes, "--scope", |s| Scope::parse(s).is_ok())?;
+            anyhow::ensure!(
+                admin || (!accounts.is_empty() && !scopes.is_empty()),
+                "give at least one --account and one --scope (or '*'), or --admin: this client could do nothing"
+            );
             let key = ServiceKey::generate();
             let client = api_client::create(&pool, &name, &key.sha256(), &accounts, &scopes, admin).await?;
             println!(

@@ -92,6 +92,7 @@ impl Application {
         let forget_tokens = Arc::clone(&broker);
         let background = vec![
             Arc::clone(&jwks).spawn_refresher(jwks.next_refresh(&loaded)),
+            store::token_cache::spawn_purger(pool.clone(), Duration::from_secs(600)),
             Arc::clone(&directory).spawn_listener(move |change| {
                 if let Change::Installation { id, .. } = change {
                     forget_tokens.forget(*id);
@@ -142,6 +143,11 @@ impl Application {
 
     pub fn internal_port(&self) -> u16 {
         self.internal_port
+    }
+
+    /// Handles that stop both servers (tests stop each app when they end).
+    pub fn server_handles(&self) -> [actix_web::dev::ServerHandle; 2] {
+        [self.public.handle(), self.internal.handle()]
     }
 
     /// Serves until a stop signal reaches both servers (actix-web handles SIGINT/SIGTERM).

@@ -120,7 +120,9 @@ async fn clients_create_prints_the_key_once_and_stores_only_its_hash() {
     let listing = text(&run(tokenvault_for(&app).args(["clients", "list"])).stdout);
     assert!(listing.contains("billing") && !listing.contains(&key[4..]), "{listing}");
 
-    let duplicate = run(tokenvault_for(&app).args(["clients", "create", "--name", "billing"]));
+    let useless = run(tokenvault_for(&app).args(["clients", "create", "--name", "nothing"]));
+    assert_eq!(useless.status.code(), Some(1), "a client with no grants is refused");
+    let duplicate = run(tokenvault_for(&app).args(["clients", "create", "--name", "billing", "--admin"]));
     assert_eq!(duplicate.status.code(), Some(1));
     assert!(text(&duplicate.stderr).contains("already exists"));
 

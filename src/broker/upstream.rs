@@ -121,12 +121,23 @@ impl TokenEndpoint {
             metrics::histogram!("tokenvault_upstream_duration_seconds").record(started.elapsed().as_secs_f64());
             tracing::Span::current().record("upstream.attempts", attempt);
             let (error, retry_after) = match outcome {
+                Attempt::Done(Err(UpstreamError::Failed { reason, .. })) => {
+                    return Err(UpstreamError::Failed { attempts: attempt, reason });
+                }
                 Attempt::Done(result) => return result,
                 Attempt::Retry { error, retry_after } => (error, retry_after),
             };
             let wait = self.backoff(attempt).max(retry_after.unwrap_or_default());
             let waited_too_long = retry_after.is_some_and(|r| r > LONGEST_INLINE_RETRY_AFTER);
-            if attempt >= self.max_attempts || waited_too_long {
+            if waited_too_long {
+                // The upstream asked for more patience than a caller has: pass its Retry-After on.
+                let reason = error.to_string();
+                return Err(UpstreamError::Unavailable {
+                    retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+                    reason,
+                });
+            }
+            if attempt >= self.max_attempts {
                 return Err(match error {
                     UpstreamError::Failed { reason, .. } => UpstreamError::Failed { attempts: attempt, reason },
                     UpstreamError::Unavailable { reason, .. } => {

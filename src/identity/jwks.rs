@@ -14,7 +14,7 @@ use url::Url;
 use crate::outbound;
 use crate::settings::ASYMMETRIC_ALGORITHMS;
 
-/// Smallest RSA modulus accepted (RFC 8725 §3.5 defers to NIST SP 800-131A: at least 2048 bits).
+/// Smallest RSA modulus accepted: RFC 7518 §3.3 requires 2048 bits or more for RS*/PS* signatures.
 pub const MIN_RSA_BITS: usize = 2048;
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 const MAX_KEYS: usize = 64;
@@ -254,7 +254,8 @@ impl JwksCache {
         self.current()
     }
 
-    /// Fetches again unless a fetch started less than `min_refresh` ago. Returns whether the set changed.
+    /// Fetches again unless a fetch started less than `min_refresh` ago. Returns whether a fetch ran and
+    /// succeeded (the set may be the same as before).
     pub async fn refresh_if_stale(&self) -> bool {
         let mut last = self.last_fetch.lock().await;
         if last.is_some_and(|at| at.elapsed() < self.min_refresh) {

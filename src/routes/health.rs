@@ -6,7 +6,13 @@ use super::AppState;
 use crate::store;
 
 pub fn routes(config: &mut web::ServiceConfig) {
-    config.route("/healthz", web::get().to(healthz)).route("/readyz", web::get().to(readyz));
+    config
+        .service(
+            web::resource("/healthz").route(web::get().to(healthz)).default_service(web::to(super::method_not_allowed)),
+        )
+        .service(
+            web::resource("/readyz").route(web::get().to(readyz)).default_service(web::to(super::method_not_allowed)),
+        );
 }
 
 /// The process is up.

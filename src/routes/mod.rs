@@ -62,7 +62,11 @@ pub fn internal(config: &mut web::ServiceConfig) {
                 .route(web::delete().to(installations::revoke))
                 .default_service(web::to(method_not_allowed)),
         )
-        .service(web::resource("/metrics").route(web::get().to(health::metrics)))
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(health::metrics))
+                .default_service(web::to(method_not_allowed)),
+        )
         .configure(health::routes)
         .default_service(web::to(not_found));
 }

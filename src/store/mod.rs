@@ -22,8 +22,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// learns of a database outage well within Trackunit's patience, and retries.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A pool that connects on first use, so a process can start (and report not ready) while the
-/// database is down, and recovers by itself when it comes back.
+/// A pool that connects on first use and reconnects by itself after a database restart. (`serve` still
+/// queries the database once at start, to check the key ids in use, so it does not start without one.)
 pub fn pool(database_url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(database_url.expose_secret())
         .context("DATABASE_URL is not a valid PostgreSQL connection string")?

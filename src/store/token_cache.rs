@@ -128,3 +128,22 @@ pub async fn reseal(conn: &mut PgConnection, row: &KeyedRow, key_id: &str, ciphe
     .await
     .map(drop)
 }
+
+/// Deletes tokens that expired more than `grace` ago, every `period`, until the process ends. Every
+/// replica runs it; the deletes are idempotent.
+pub fn spawn_purger(pool: sqlx::PgPool, period: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let deleted = match pool.acquire().await {
+                Ok(mut conn) => delete_expired(&mut conn).await,
+                Err(error) => Err(error),
+            };
+            match deleted {
+                Ok(0) => {}
+                Ok(rows) => tracing::debug!(rows, "expired cached tokens deleted"),
+                Err(error) => tracing::debug!(error = %error, "purging expired cached tokens failed; will retry"),
+            }
+        }
+    })
+}

@@ -101,3 +101,13 @@ async fn readiness_fails_without_a_jwks() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["jwks"], false);
 }
+
+#[tokio::test]
+async fn wrong_methods_on_health_and_metrics_answer_405_problem_json() {
+    let app = spawn_app().await;
+    for url in
+        [format!("{}/healthz", app.public), format!("{}/readyz", app.internal), format!("{}/metrics", app.internal)]
+    {
+        assert_problem(app.http.post(&url).send().await.unwrap(), 405, "method_not_allowed").await;
+    }
+}

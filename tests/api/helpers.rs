@@ -94,6 +94,8 @@ pub enum Upstream {
     Mint { expires_in: i64 },
     /// Answer with this status and JSON body.
     Fail { status: u16, body: Value },
+    /// Answer with this status and a `Retry-After` header.
+    FailWithRetryAfter { status: u16, retry_after_secs: u64 },
 }
 
 /// Plays Trackunit's token endpoint: records each call's form, mints unique tokens, or fails on demand.
@@ -129,6 +131,9 @@ impl Respond for TokenEndpoint {
                 }))
             }
             Upstream::Fail { status, body } => ResponseTemplate::new(status).set_body_json(body),
+            Upstream::FailWithRetryAfter { status, retry_after_secs } => {
+                ResponseTemplate::new(status).insert_header("retry-after", retry_after_secs.to_string().as_str())
+            }
         };
         template.set_delay(delay)
     }
@@ -155,6 +160,7 @@ pub struct TestApp {
     pub encryption_keys: String,
     pub jwks: Arc<Mutex<Value>>,
     pub proxy: Option<Arc<DatabaseProxy>>,
+    _stopper: Stopper,
 }
 
 /// Options for [`spawn_app_with`].
@@ -193,8 +199,9 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let server = server_url();
     let mut admin = PgConnection::connect(&server).await.expect("PostgreSQL is reachable (run `make test`)");
     admin.execute(format!(r#"create database "{database}""#).as_str()).await.unwrap();
+    admin.close().await.ok();
     let database_url = with_database(&server, &database);
-    let pool = PgPool::connect(&database_url).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(3).connect(&database_url).await.unwrap();
     tokenvault::store::migrate(&pool).await.unwrap();
 
     let trackunit = MockServer::start().await;
@@ -232,15 +239,14 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         ("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS".into(), "1".into()),
         ("TOKENVAULT_UPSTREAM_BACKOFF_MS".into(), "10".into()),
         ("TOKENVAULT_UPSTREAM_TIMEOUT_SECS".into(), "5".into()),
+        ("TOKENVAULT_DATABASE_MAX_CONNECTIONS".into(), "6".into()),
     ]);
     for (name, value) in options.vars {
         vars.insert(name.into(), value);
     }
     let encryption_keys = vars["TOKENVAULT_ENCRYPTION_KEYS"].clone();
     let settings = Settings::load(&Source::from_map(vars)).expect("test settings are valid");
-    let app = Application::build(settings).await.expect("the application starts");
-    let (public, internal) = (app.public_port(), app.internal_port());
-    tokio::spawn(app.run_until_stopped());
+    let (public, internal, stopper) = start(settings).await.expect("the application starts");
 
     TestApp {
         public: format!("http://127.0.0.1:{public}"),
@@ -253,13 +259,49 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         encryption_keys,
         jwks,
         proxy,
+        _stopper: stopper,
     }
+}
+
+/// Stops an app's servers when dropped, so a finished test releases its database connections.
+pub struct Stopper(Vec<actix_web::dev::ServerHandle>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        for handle in &self.0 {
+            // Sends the stop command at once; the returned future only waits for completion.
+            drop(handle.stop(false));
+        }
+    }
+}
+
+/// Builds and runs the app on a thread and runtime of its own, like a separate process: it outlives the
+/// test's runtime, so the [`Stopper`] can stop it and its pool is closed. Returns its ports.
+async fn start(settings: Settings) -> anyhow::Result<(u16, u16, Stopper)> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        runtime.block_on(async move {
+            match Application::build(settings).await {
+                Ok(app) => {
+                    let started = (app.public_port(), app.internal_port(), Stopper(app.server_handles().to_vec()));
+                    let _ = sender.send(Ok(started));
+                    let _ = app.run_until_stopped().await;
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error));
+                }
+            }
+        });
+    });
+    receiver.await?
 }
 
 /// Another tokenvault process over the same database and fake Trackunit.
 pub struct Replica {
     pub public: String,
     pub internal: String,
+    _stopper: Stopper,
 }
 
 impl TestApp {
@@ -273,6 +315,7 @@ impl TestApp {
             ("TOKENVAULT_TRACKUNIT_JWKS_URL", &format!("{}/jwks", self.trackunit.uri())),
             ("TOKENVAULT_TRACKUNIT_TOKEN_URL", &format!("{}/apptoken", self.trackunit.uri())),
             ("TOKENVAULT_UPSTREAM_BACKOFF_MS", "10"),
+            ("TOKENVAULT_DATABASE_MAX_CONNECTIONS", "6"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -280,13 +323,12 @@ impl TestApp {
         for (name, value) in overrides {
             vars.insert((*name).to_owned(), (*value).to_owned());
         }
-        let app = Application::build(Settings::load(&Source::from_map(vars))?).await?;
-        let replica = Replica {
-            public: format!("http://127.0.0.1:{}", app.public_port()),
-            internal: format!("http://127.0.0.1:{}", app.internal_port()),
-        };
-        tokio::spawn(app.run_until_stopped());
-        Ok(replica)
+        let (public, internal, stopper) = start(Settings::load(&Source::from_map(vars))?).await?;
+        Ok(Replica {
+            public: format!("http://127.0.0.1:{public}"),
+            internal: format!("http://127.0.0.1:{internal}"),
+            _stopper: stopper,
+        })
     }
 
     /// How often the fake Trackunit served the JWKS.

@@ -5,6 +5,7 @@ mod admin;
 mod callbacks;
 mod helpers;
 mod identity;
+mod redteam;
 mod resilience;
 mod rotation;
 mod storage;

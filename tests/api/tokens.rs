@@ -303,3 +303,15 @@ async fn an_upstream_slower_than_the_timeout_gives_503() {
     *app.upstream.delay.lock().unwrap() = Duration::from_secs(3);
     assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 503, "upstream_unavailable").await;
 }
+
+#[tokio::test]
+async fn an_upstream_asking_for_a_long_wait_gives_503_passing_its_retry_after_on() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::FailWithRetryAfter { status: 503, retry_after_secs: 120 }]);
+    let response = app.token(&key, &request("acc-1", &["a"])).await;
+    assert_eq!(response.headers()["retry-after"], "120");
+    assert_problem(response, 503, "upstream_unavailable").await;
+    assert_eq!(app.upstream.call_count(), 1, "no retry inside the request when told to wait two minutes");
+}
