@@ -114,7 +114,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn fuzz_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = from_slice(&bytes);
         }
 

@@ -249,3 +249,93 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
     let next_line = status.lines().find(|l| l.starts_with("next ")).unwrap_or_default();
     assert!(next_line.contains("primary") && next_line.split_whitespace().nth(2) == Some("1"), "{status}");
 }
+
+/// Starts `tokenvault serve` for `app` on free ports and waits until it answers; returns it and its ports.
+async fn serve(app: &TestApp) -> (std::process::Child, u16, u16) {
+    let (public, internal) = (free_port(), free_port());
+    let child = tokenvault_for(app)
+        .arg("serve")
+        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        let ready = app.http.get(format!("http://127.0.0.1:{public}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            return (child, public, internal);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("serve did not become ready");
+}
+
+#[tokio::test]
+async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_stored_and_decrypts() {
+    let app = spawn_app().await;
+    let (mut child, public, _) = serve(&app).await;
+    let url = format!("http://127.0.0.1:{public}/callbacks/trackunit");
+    let token = identity();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let burst: Vec<_> = (0..400)
+        .map(|i| {
+            let (http, url, token, acked) = (app.http.clone(), url.clone(), token.clone(), acked.clone());
+            tokio::spawn(async move {
+                let account = format!("crash-{i}");
+                let credentials = credentials();
+                let response = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("Trackunit-Identity", &token)
+                    .json(&installed_body(&account, &credentials))
+                    .send()
+                    .await;
+                let status = response.map(|r| r.status().as_u16());
+                if matches!(status, Ok(204)) {
+                    acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                (account, credentials, status)
+            })
+        })
+        .collect();
+    // Kill mid-burst: once 50 callbacks were acknowledged, with the rest in flight or queued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 50 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap().success());
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+
+    let mut acknowledged = Vec::new();
+    let mut lost = 0;
+    for task in burst {
+        match task.await.unwrap() {
+            (account, credentials, Ok(204)) => acknowledged.push((account, credentials)),
+            (_, _, Ok(status)) => panic!("unexpected status {status}"),
+            (_, _, Err(_)) => lost += 1,
+        }
+    }
+    assert!(acknowledged.len() >= 50, "the kill came mid-burst");
+    assert!(lost > 0, "some callbacks were in flight when the process died");
+
+    // After a restart, every acknowledged install is there and decrypts to what was sent.
+    let (mut restarted, _, _) = serve(&app).await;
+    let ring = tokenvault::crypto::KeyRing::parse(&app.encryption_keys).unwrap();
+    for (account, credentials) in &acknowledged {
+        let (key_id, sealed): (String, Vec<u8>) = sqlx::query_as(
+            "select key_id, client_secret_ciphertext from installation where app_id = $1 and account_id = $2",
+        )
+        .bind(APP_ID)
+        .bind(account)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap_or_else(|_| panic!("{account} was acknowledged but is not stored"));
+        let aad = tokenvault::crypto::Aad::installation(APP_ID, account, tokenvault::crypto::SecretField::ClientSecret);
+        let secret = ring.open_string(&key_id, &sealed, &aad).unwrap();
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&secret), credentials.client_secret);
+    }
+    eprintln!("{} acknowledged and stored, {lost} cut off by the kill", acknowledged.len());
+    let _ = restarted.kill();
+    let _ = restarted.wait();
+}

@@ -324,6 +324,88 @@ mod tests {
         assert_eq!(check(&format!("{}.{other}.{}", parts[0], parts[2])), Err(IdentityError::BadSignature));
     }
 
+    /// The fixtures parsed once: the fuzz cases run thousands of times.
+    fn shared() -> &'static (KeySet, String) {
+        static SHARED: std::sync::OnceLock<(KeySet, String)> = std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| (keys(), sign(Algorithm::RS256, "rsa-a", "rsa-a", &json!({"exp": NOW + 300, "iat": NOW}))))
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            prop_oneof![Just("RS256".to_owned()), Just("none".to_owned()), Just("rsa-a".to_owned()), "[ -~]{0,12}"]
+                .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("alg"),
+                        Just("kid"),
+                        Just("exp"),
+                        Just("crit"),
+                        Just("jku"),
+                        Just("iat"),
+                        Just("x")
+                    ]
+                    .prop_map(str::to_owned),
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    use proptest::prelude::*;
+
+    // The `fuzz_` properties run with PROPTEST_CASES (CI runs them with many cases for a bounded time);
+    // failing inputs are kept in proptest-regressions/ and replayed first on every run.
+    proptest! {
+        /// Any byte changed, inserted or cut anywhere in a valid token: no panic, and if it still verifies
+        /// (base64 has spare bits) it says exactly what the original said.
+        #[test]
+        fn fuzz_mutated_tokens_never_panic_or_verify_as_something_else(
+            position in any::<usize>(), byte in any::<u8>(), operation in 0..3_u8,
+        ) {
+            let (keys, good) = shared();
+            let mut bytes = good.clone().into_bytes();
+            let at = position % bytes.len();
+            match operation {
+                0 => bytes[at] = byte,
+                1 => bytes.insert(at, byte),
+                _ => bytes.truncate(at),
+            }
+            let mutated = String::from_utf8_lossy(&bytes);
+            if let Ok(identity) = verify_with(&mutated, keys, &policy(), NOW) {
+                prop_assert_eq!(identity, verify_with(good, keys, &policy(), NOW).unwrap());
+            }
+        }
+
+        /// Arbitrary JSON as header and claims under a random signature: no panic, never accepted.
+        #[test]
+        fn fuzz_arbitrary_headers_and_claims_never_panic_or_verify(
+            header in arb_json(), claims in arb_json(), signature in "[A-Za-z0-9_-]{0,400}",
+        ) {
+            let (keys, _) = shared();
+            let encode = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+            let token = format!("{}.{}.{signature}", encode(&header), encode(&claims));
+            prop_assert!(verify_with(&token, keys, &policy(), NOW).is_err());
+        }
+
+        /// Arbitrary text: no panic, never accepted.
+        #[test]
+        fn fuzz_arbitrary_text_never_panics_or_verifies(text in "[ -~]{0,600}") {
+            let (keys, _) = shared();
+            prop_assert!(verify_with(&text, keys, &policy(), NOW).is_err());
+        }
+    }
+
     #[test]
     fn claims_naming_another_install_do_not_match() {
         let identity = VerifiedIdentity { issued_at: None, account_id: Some("a1".into()), iris_app_id: None };

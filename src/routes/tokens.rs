@@ -169,7 +169,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn fuzz_any_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = parse(&bytes);
         }
     }
