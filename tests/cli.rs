@@ -253,7 +253,7 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
 /// Starts `tokenvault serve` for `app` on free ports and waits until it answers; returns it and its ports.
 async fn serve(app: &TestApp) -> (std::process::Child, u16, u16) {
     let (public, internal) = (free_port(), free_port());
-    let child = tokenvault_for(app)
+    let mut child = tokenvault_for(app)
         .arg("serve")
         .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
         .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
@@ -268,6 +268,8 @@ async fn serve(app: &TestApp) -> (std::process::Child, u16, u16) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("serve did not become ready");
 }
 
