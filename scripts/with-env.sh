@@ -46,23 +46,43 @@ as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+port_in_use() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Where a cluster's files live: under .tmp/, unless we are root and the postgres user cannot reach it
+# (a checkout under /root, say); then under /tmp, keyed by the checkout's path.
+cluster_dir() {
+  local name=$1
+  if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$tmp" 2>/dev/null; then
+    echo "/tmp/tokenvault-$(printf '%s' "$root" | sha1sum | cut -c1-12)/$name"
+  else
+    echo "$tmp/$name"
+  fi
+}
+
+# Starts (creating it first if needed) the cluster in $2, preferring port $1; prints the port it uses.
+# A cluster keeps its port in its directory, so each checkout gets its own even when another already
+# listens on the preferred port.
 start_private_cluster() {
   local port=$1 data=$2 options=$3 bin
   bin=$(ensure_pg_bin)
   if [ ! -s "$data/PG_VERSION" ]; then
     say "creating a private PostgreSQL cluster in $data"
     mkdir -p "$data"
-    if [ "$(id -u)" = 0 ]; then chown postgres "$data"; chmod 700 "$data"; fi
+    if [ "$(id -u)" = 0 ]; then chown postgres "$data" "$(dirname "$data")"; chmod 700 "$data"; fi
     as_pg "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >/dev/null
   fi
+  if [ -s "$data/tokenvault.port" ]; then port=$(cat "$data/tokenvault.port"); fi
   if ! as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    while port_in_use "$port"; do port=$((port + 1)); done
+    echo "$port" | as_pg tee "$data/tokenvault.port" >/dev/null
     say "starting it on 127.0.0.1:$port"
     as_pg "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 30 \
       -o "-p $port -k $data -c listen_addresses=127.0.0.1 $options" start >/dev/null
   fi
-  # Wait until it accepts connections (pg_ctl -w already waits; this covers a cluster started elsewhere).
   for _ in $(seq 1 50); do
-    "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" && return 0
+    if "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"; then echo "$port"; return 0; fi
     sleep 0.2
   done
   say "PostgreSQL did not come up; see $data/server.log"; exit 1
@@ -70,9 +90,9 @@ start_private_cluster() {
 
 if [ -z "${DATABASE_URL:-}" ]; then
   case "$mode" in
-    dev)  port=${TOKENVAULT_DEV_PG_PORT:-54329}; start_private_cluster "$port" "$tmp/pg-dev" "" ;;
-    test) port=${TOKENVAULT_TEST_PG_PORT:-54330}
-          start_private_cluster "$port" "$tmp/pg-test" "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=500" ;;
+    dev)  port=$(start_private_cluster "${TOKENVAULT_DEV_PG_PORT:-54329}" "$(cluster_dir pg-dev)" "") ;;
+    test) port=$(start_private_cluster "${TOKENVAULT_TEST_PG_PORT:-54330}" "$(cluster_dir pg-test)" \
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=500") ;;
     *) say "unknown mode $mode (dev or test)"; exit 2 ;;
   esac
   bin=$(find_pg_bin)
