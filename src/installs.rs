@@ -216,6 +216,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn debug_of_a_message_shows_no_credential() {
+        let message = CallbackMessage::Installed {
+            app_id: AppId::parse("@o/a").unwrap(),
+            account_id: AccountId::parse("acc").unwrap(),
+            client_id: SecretString::from("cid-visible?"),
+            client_secret: SecretString::from("s3cret-visible?"),
+        };
+        let debug = format!("{message:?}");
+        assert!(debug.contains("acc") && !debug.contains("cid-visible") && !debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
     fn only_a_strictly_older_known_iat_is_stale() {
         let at = |s| DateTime::<Utc>::from_timestamp(s, 0);
         assert!(is_stale(at(10), at(9)));

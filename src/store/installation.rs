@@ -256,3 +256,26 @@ pub async fn key_usage(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>
     .fetch_all(pool)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_ciphertext() {
+        let installation = Installation {
+            id: Uuid::nil(),
+            app_id: "@o/a".into(),
+            account_id: "acc".into(),
+            status: "active".into(),
+            key_id: Some("k1".into()),
+            client_id_ciphertext: Some(b"CIPHERTEXT-ID".to_vec()),
+            client_secret_ciphertext: Some(b"CIPHERTEXT-SECRET".to_vec()),
+            identity_issued_at: None,
+            credentials_version: 1,
+        };
+        let debug = format!("{installation:?}");
+        assert!(debug.contains("acc") && !debug.contains("67, 73, 80"), "{debug}");
+        assert!(!debug.contains("CIPHERTEXT"), "{debug}");
+    }
+}

@@ -206,3 +206,16 @@ async fn unknown_kids_refetch_the_jwks_at_most_once_per_min_refresh_interval() {
     }
     assert_eq!(app.jwks_fetches().await, fetches, "the start-up fetch was under 30 s ago: no refetch");
 }
+
+#[tokio::test]
+async fn when_the_jwks_endpoint_fails_the_last_good_key_set_keeps_serving() {
+    let app = spawn_app().await;
+    *app.jwks.lock().unwrap() = json!({ "keys": "not a list" });
+    let fetches = app.jwks_fetches().await;
+    // The fake says max-age=1: the refreshes after this one all fail.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert!(app.jwks_fetches().await > fetches, "refreshes were attempted");
+    assert_eq!(app.callback(Some(&identity()), &installed_body("acc-1", &credentials())).await.status(), 204);
+    let ready = app.http.get(format!("{}/readyz", app.public)).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "still ready with the last good set");
+}

@@ -99,3 +99,24 @@ async fn a_cached_token_is_shared_through_the_database_by_another_process() {
     assert_eq!(first["access_token"], second["access_token"]);
     assert_eq!(app.upstream.call_count(), 1, "one mint for both replicas");
 }
+
+#[tokio::test]
+async fn three_replicas_asked_at_once_for_a_cold_key_mint_exactly_once() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    *app.upstream.delay.lock().unwrap() = std::time::Duration::from_millis(300);
+    let (second, third) = (app.replica(&[]).await.unwrap(), app.replica(&[]).await.unwrap());
+    let urls = [app.internal.clone(), second.internal.clone(), third.internal.clone()];
+    let body = json!({"account_id": "acc-1", "scopes": ["asset.view"]});
+    let requests =
+        (0..60).map(|i| app.http.post(format!("{}/v1/tokens", urls[i % 3])).bearer_auth(&key).json(&body).send());
+    let mut tokens = std::collections::HashSet::new();
+    for response in futures_util::future::join_all(requests).await {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 200);
+        tokens.insert(response.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(tokens.len(), 1, "every replica handed out the same token");
+    assert_eq!(app.upstream.call_count(), 1, "one mint across three replicas");
+}
