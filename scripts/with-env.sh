@@ -2,9 +2,11 @@
 # Usage: scripts/with-env.sh dev|test COMMAND [ARGS...]
 #
 # Runs COMMAND with everything tokenvault needs on this machine, setting up what is missing:
-# - DATABASE_URL: when unset, a private PostgreSQL cluster under .tmp/ (installed with apt-get when the
+# - DATABASE_URL: when unset, a private PostgreSQL cluster under .tmp/ (or /tmp/tokenvault-<hash>/ when the
+#   postgres user cannot reach the checkout; installed with apt-get when the
 #   binaries are missing and we are root), started on 127.0.0.1 and left running for the next command.
-#   `dev` keeps data durably (port 54329); `test` trades durability for speed (fsync off, port 54330).
+#   `dev` keeps data durably; `test` trades durability for speed (fsync off). Each cluster takes the first
+#   free port from 54329 (dev) or 54330 (test) and remembers it in its directory (tokenvault.port).
 # - TOKENVAULT_ENCRYPTION_KEYS: when unset, a development key kept in .tmp/dev-encryption-key.
 # Nothing here is for production: there, set DATABASE_URL and TOKENVAULT_ENCRYPTION_KEYS yourself.
 set -euo pipefail

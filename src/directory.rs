@@ -9,6 +9,7 @@
 //! else go wrong.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -29,6 +30,9 @@ pub struct Directory {
     pool: PgPool,
     clients: Cache<[u8; 32], Arc<ApiClient>>,
     installations: Cache<String, Arc<Vec<Installation>>>,
+    /// Bumped by every invalidation. A read that an invalidation overtook (the row changed between our
+    /// query and our insert) is not cached: it may be the old row, and its NOTIFY has already been spent.
+    generation: AtomicU64,
 }
 
 /// A change notification, parsed.
@@ -59,6 +63,7 @@ impl Directory {
             pool,
             clients: Cache::builder().max_capacity(CAPACITY).time_to_live(TIME_TO_LIVE).build(),
             installations: Cache::builder().max_capacity(CAPACITY).time_to_live(TIME_TO_LIVE).build(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -68,8 +73,11 @@ impl Directory {
         if let Some(client) = self.clients.get(digest) {
             return Ok(Some(client));
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let found = api_client::find_active(&self.pool, digest).await?.map(Arc::new);
-        if let Some(client) = &found {
+        if let Some(client) = &found
+            && self.generation.load(Ordering::Acquire) == generation
+        {
             self.clients.insert(*digest, Arc::clone(client));
         }
         Ok(found)
@@ -80,12 +88,16 @@ impl Directory {
         if let Some(found) = self.installations.get(account_id) {
             return Ok(found);
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let found = Arc::new(installation::for_account(&self.pool, account_id, None).await?);
-        self.installations.insert(account_id.to_owned(), Arc::clone(&found));
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.installations.insert(account_id.to_owned(), Arc::clone(&found));
+        }
         Ok(found)
     }
 
     pub fn apply(&self, change: &Change) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         match change {
             Change::Client(digest) => self.clients.invalidate(digest),
             Change::Installation { account_id, .. } => self.installations.invalidate(account_id),
@@ -93,10 +105,12 @@ impl Directory {
     }
 
     pub fn forget_account(&self, account_id: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.installations.invalidate(account_id);
     }
 
     pub fn flush(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.clients.invalidate_all();
         self.installations.invalidate_all();
     }

@@ -270,8 +270,8 @@ impl Settings {
             return Err(invalid("TOKENVAULT_UPSTREAM_MAX_ATTEMPTS", "must be between 1 and 10"));
         }
         let max_connections: u32 = source.parsed("TOKENVAULT_DATABASE_MAX_CONNECTIONS", 20)?;
-        if max_connections < 2 {
-            return Err(invalid("TOKENVAULT_DATABASE_MAX_CONNECTIONS", "must be at least 2"));
+        if max_connections < 4 {
+            return Err(invalid("TOKENVAULT_DATABASE_MAX_CONNECTIONS", "must be at least 4"));
         }
 
         Ok(Self {

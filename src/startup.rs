@@ -62,7 +62,7 @@ async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()>
         stored.iter().map(String::as_str).filter(|id| !settings.encryption_keys.contains(id)).collect();
     if !missing.is_empty() {
         anyhow::bail!(
-            "TOKENVAULT_ENCRYPTION_KEYS lacks key id(s) {} that stored credentials are sealed with",
+            "TOKENVAULT_ENCRYPTION_KEYS lacks key id(s) {} that stored credentials or cached tokens are sealed with",
             missing.join(", ")
         );
     }
@@ -86,8 +86,9 @@ impl Application {
             Arc::clone(&settings.encryption_keys),
             TokenEndpoint::new(&settings.upstream, ProviderProfile::trackunit()),
             Arc::clone(&directory),
-            // Half the pool at most: callbacks must always find a connection.
-            settings.database_max_connections as usize / 2,
+            // Each mint holds a connection across the upstream call. Leave one for the LISTEN connection
+            // and half of the rest for callbacks, readiness and directory reads.
+            (settings.database_max_connections as usize).saturating_sub(1) / 2,
         ));
         let forget_tokens = Arc::clone(&broker);
         let background = vec![

@@ -46,12 +46,6 @@ impl Entry {
         self.demand().min(lifetime / 2) + lifetime / 10 + self.jitter
     }
 
-    /// What a refreshed token must cover: comfortably more than the threshold, so a token stored by
-    /// another replica a moment ago counts while the one we hold does not.
-    pub fn refresh_target(&self) -> Duration {
-        self.refresh_threshold() + Duration::from_secs(1)
-    }
-
     pub fn refresh_due(&self, now: DateTime<Utc>) -> bool {
         (self.token.expires_at - now).to_std().is_ok_and(|left| left < self.refresh_threshold())
     }

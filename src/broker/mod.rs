@@ -58,14 +58,28 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// A failure worth backing off from and worth serving a still-valid token through.
+    /// A passing failure, worth serving a still-valid token through.
     fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            BrokerError::Upstream(UpstreamError::Unavailable { .. } | UpstreamError::Failed { .. })
-                | BrokerError::Database(_)
-        )
+        self.upstream_wait().is_some() || matches!(self, BrokerError::Database(_))
     }
+
+    /// For an upstream failure worth backing off from: how long the upstream itself asked us to wait.
+    fn upstream_wait(&self) -> Option<Option<Duration>> {
+        match self {
+            BrokerError::Upstream(UpstreamError::Unavailable { retry_after, .. }) => Some(Some(*retry_after)),
+            BrokerError::Upstream(UpstreamError::Failed { .. }) => Some(None),
+            _ => None,
+        }
+    }
+}
+
+/// What a token must satisfy to be taken from the shared table instead of minting.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// Valid for this long (see [`Token::fresh_for`]): a request.
+    FreshFor(Duration),
+    /// Expiring later than this: a refresh, which needs a newer token than the one it replaces.
+    NewerThan(chrono::DateTime<Utc>),
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -158,7 +172,7 @@ impl Broker {
                 reason: "backing off after upstream failures".into(),
             }));
         }
-        match self.shared_or_mint(installation, &key, scopes, min_ttl).await {
+        match self.shared_or_mint(installation, &key, scopes, Want::FreshFor(min_ttl)).await {
             Ok((token, stored)) => {
                 self.backoff.succeeded(&key);
                 let token = Arc::new(token);
@@ -168,8 +182,10 @@ impl Broker {
                 Ok(token)
             }
             Err(error) if error.is_transient() => {
-                let retry_in = self.backoff.failed(&key);
-                tracing::warn!(installation.id = %installation.id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "token mint failed");
+                if let Some(asked) = error.upstream_wait() {
+                    let retry_in = self.backoff.failed(&key, asked);
+                    tracing::warn!(installation.id = %installation.id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "token mint failed; backing off");
+                }
                 match self.still_valid(&key).await {
                     Some(token) => Ok(token),
                     None => Err(error),
@@ -195,7 +211,7 @@ impl Broker {
         metrics::counter!("tokenvault_token_cache_total", "tier" => "memory").increment(1);
         entry.note_demand(min_ttl);
         if entry.refresh_due(now) && entry.claim_refresh() {
-            self.spawn_refresh(key.clone(), installation.clone(), scopes.clone(), entry.refresh_target());
+            self.spawn_refresh(key.clone(), installation.clone(), scopes.clone(), Arc::clone(&entry));
         }
         Some(Arc::clone(&entry.token))
     }
@@ -206,28 +222,31 @@ impl Broker {
         self.memory.insert(key, Arc::new(Entry::new(token, demand)));
     }
 
-    /// Replaces a token in demand before it runs short, off the request path.
-    fn spawn_refresh(self: &Arc<Self>, key: CacheKey, installation: Installation, scopes: ScopeSet, target: Duration) {
+    /// Replaces `entry`'s token, still in demand, before it runs short, off the request path.
+    fn spawn_refresh(self: &Arc<Self>, key: CacheKey, installation: Installation, scopes: ScopeSet, entry: Arc<Entry>) {
         let broker = Arc::clone(self);
         tokio::spawn(async move {
             let flight = broker.flights.get_with(key.clone(), Default::default);
             let _turn = flight.lock().await;
-            if broker.backoff.remaining(&key).is_some() {
+            let replaced = broker.memory.get(&key).is_some_and(|current| !Arc::ptr_eq(&current, &entry));
+            if replaced || broker.backoff.remaining(&key).is_some() {
+                // Someone refreshed it meanwhile, or the upstream is failing: a later request may try again.
+                entry.release_refresh();
                 return;
             }
             metrics::counter!("tokenvault_token_refresh_ahead_total").increment(1);
-            match broker.shared_or_mint(&installation, &key, &scopes, target).await {
+            match broker.shared_or_mint(&installation, &key, &scopes, Want::NewerThan(entry.token.expires_at)).await {
                 Ok((token, true)) => {
                     broker.backoff.succeeded(&key);
                     broker.remember(key, Arc::new(token), Duration::ZERO);
                 }
                 Ok((_, false)) => {}
                 Err(error) => {
-                    let retry_in = broker.backoff.failed(&key);
-                    tracing::warn!(installation.id = %installation.id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "refresh ahead failed; the current token keeps serving");
-                    if let Some(entry) = broker.memory.get(&key) {
-                        entry.release_refresh();
+                    if let Some(asked) = error.upstream_wait() {
+                        broker.backoff.failed(&key, asked);
                     }
+                    tracing::warn!(installation.id = %installation.id, error = %error, "refresh ahead failed; the current token keeps serving");
+                    entry.release_refresh();
                 }
             }
         });
@@ -270,7 +289,7 @@ impl Broker {
         installation: &Installation,
         key: &CacheKey,
         scopes: &ScopeSet,
-        min_ttl: Duration,
+        want: Want,
     ) -> Result<(Token, bool), BrokerError> {
         let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
         let mut tx = self.pool.begin().await?;
@@ -278,8 +297,12 @@ impl Broker {
         if let Some(row) =
             token_cache::get(&mut tx, key.installation_id, &key.scope_key, key.credentials_version).await?
         {
+            let satisfies = |token: &Token| match want {
+                Want::FreshFor(min_ttl) => token.fresh_for(min_ttl, Utc::now()),
+                Want::NewerThan(expiry) => token.expires_at > expiry && token.seconds_left(Utc::now()) > 0,
+            };
             match self.open_cached(key, &row) {
-                Ok(token) if token.fresh_for(min_ttl, Utc::now()) => {
+                Ok(token) if satisfies(&token) => {
                     tx.commit().await?;
                     metrics::counter!("tokenvault_token_cache_total", "tier" => "database").increment(1);
                     return Ok((token, true));

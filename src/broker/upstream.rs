@@ -1,6 +1,6 @@
 //! The OAuth2 token endpoint client (RFC 6749 §4.4, client credentials). What differs between providers
-//! (reply field names, default lifetime) is data in [`ProviderProfile`], not code, so another provider is a
-//! configuration rather than a fork.
+//! (reply field names, default lifetime) is data in [`ProviderProfile`], not code, so supporting another
+//! provider means adding a profile value (and, later, a setting that selects it), not forking the client.
 
 use std::time::Duration;
 

@@ -250,7 +250,7 @@ pub async fn key_usage(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>
     sqlx::query_as(
         "select key_id, 'installation', count(*) from installation where key_id is not null group by key_id
          union all
-         select key_id, 'token_cache', count(*) from token_cache group by key_id
+         select key_id, 'token_cache', count(*) from token_cache where expires_at > now() group by key_id
          order by 1, 2",
     )
     .fetch_all(pool)

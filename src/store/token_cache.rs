@@ -129,8 +129,8 @@ pub async fn reseal(conn: &mut PgConnection, row: &KeyedRow, key_id: &str, ciphe
     .map(drop)
 }
 
-/// Deletes tokens that expired more than `grace` ago, every `period`, until the process ends. Every
-/// replica runs it; the deletes are idempotent.
+/// Deletes expired tokens every `period` until the process ends. Every replica runs it; the deletes are
+/// idempotent.
 pub fn spawn_purger(pool: sqlx::PgPool, period: std::time::Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {

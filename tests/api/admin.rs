@@ -111,3 +111,31 @@ async fn wrong_methods_on_health_and_metrics_answer_405_problem_json() {
         assert_problem(app.http.post(&url).send().await.unwrap(), 405, "method_not_allowed").await;
     }
 }
+
+#[tokio::test]
+async fn a_revocation_is_audited_and_a_replayed_earlier_install_cannot_undo_it() {
+    let app = spawn_app().await;
+    let credentials = credentials();
+    let earlier = identity_issued(5);
+    let body = installed_body("acc-1", &credentials);
+    assert_eq!(app.callback(Some(&earlier), &body).await.status(), 204);
+    let admin = app.client(&[], &[], true).await;
+    let id: uuid::Uuid = sqlx::query_scalar("select id from installation").fetch_one(&app.pool).await.unwrap();
+    let response =
+        app.http.delete(format!("{}/v1/installations/{id}", app.internal)).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    let audit: (String, String) =
+        sqlx::query_as("select event_type, outcome from callback_event order by id desc limit 1")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(audit, ("ADMIN_REVOKED".to_owned(), "revoked".to_owned()));
+
+    // The very same signed callback, replayed: stale, the installation stays revoked.
+    assert_eq!(app.callback(Some(&earlier), &body).await.status(), 204);
+    assert_eq!(app.status_of("acc-1").await, "revoked");
+    // A genuinely new install (issued after the revocation) brings it back.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    app.install("acc-1").await;
+    assert_eq!(app.status_of("acc-1").await, "active");
+}

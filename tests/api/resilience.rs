@@ -168,3 +168,44 @@ async fn with_the_database_down_cached_tokens_keep_being_served_and_callbacks_re
     assert_eq!((status, &after["access_token"]), (200, &before["access_token"]));
     assert_eq!(app.upstream.call_count(), 1);
 }
+
+#[tokio::test]
+async fn refresh_ahead_also_works_for_short_tokens_at_the_default_min_ttl() {
+    // 6 s tokens asked with the default min_ttl of 60 s: the demand is capped at half the lifetime,
+    // and the refresh must still fetch a newer token rather than take the current one back.
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 6 }]);
+    let body = json!({"account_id": "acc-1", "scopes": ["a"]});
+    assert_eq!(timed(&app, &key, &body).await.0, 200);
+    *app.upstream.delay.lock().unwrap() = Duration::from_millis(300);
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut tokens = std::collections::HashSet::new();
+    while Instant::now() < until {
+        let (status, elapsed, body) = timed(&app, &key, &body).await;
+        assert_eq!(status, 200);
+        assert!(elapsed < Duration::from_millis(250), "a request waited {elapsed:?}");
+        tokens.insert(body["access_token"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(tokens.len() >= 3, "replaced ahead of time, more than once: {}", tokens.len());
+}
+
+#[tokio::test]
+async fn a_retry_after_from_the_upstream_holds_the_key_back_that_long() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::FailWithRetryAfter { status: 429, retry_after_secs: 30 }]);
+    let body = json!({"account_id": "acc-1", "scopes": ["a"]});
+    assert_problem(app.token(&key, &body).await, 503, "upstream_unavailable").await;
+    assert_eq!(app.upstream.call_count(), 1);
+    // Well past the 1 s first backoff step, still inside the 30 s the upstream asked for.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let response = app.token(&key, &body).await;
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((20..=30).contains(&retry_after), "{retry_after}");
+    assert_problem(response, 503, "upstream_unavailable").await;
+    assert_eq!(app.upstream.call_count(), 1, "the upstream asked for 30 s and got them");
+}
