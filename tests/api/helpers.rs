@@ -18,6 +18,74 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 pub const APP_ID: &str = "@acme/fleet-insights";
 
+/// Log lines of this test binary that held a secret, found by [`scan_logs`].
+static LEAKS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Encryption keys of the apps of this binary: random, so they are looked for by value.
+static ENCRYPTION_KEYS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Which secret a log line holds, if any. The secrets the tests make have recognisable shapes: client ids
+/// `cid-<32 hex>`, client secrets `csecret-…`, access tokens `at-<n>-<32 hex>`, service keys `tvk_…`.
+fn leaked_secret(line: &str) -> Option<&'static str> {
+    let hex_run = |rest: &str| rest.len() >= 32 && rest.as_bytes()[..32].iter().all(u8::is_ascii_hexdigit);
+    if line.contains("csecret-") {
+        return Some("client secret");
+    }
+    if line.contains("tvk_") {
+        return Some("service key");
+    }
+    if line.match_indices("cid-").any(|(at, _)| hex_run(&line[at + 4..])) {
+        return Some("client id");
+    }
+    let token = line.match_indices("at-").any(|(at, _)| {
+        let rest = &line[at + 3..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        digits > 0 && rest[digits..].starts_with('-') && hex_run(&rest[digits + 1..])
+    });
+    if token {
+        return Some("access token");
+    }
+    let keys = ENCRYPTION_KEYS.lock().unwrap();
+    keys.iter().any(|key| line.contains(key.as_str())).then_some("encryption key")
+}
+
+/// A log writer that keeps nothing but the lines that leak a secret.
+struct LeakScanner;
+
+impl std::io::Write for LeakScanner {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = String::from_utf8_lossy(buf);
+        if let Some(what) = leaked_secret(&line) {
+            LEAKS.lock().unwrap().push(format!("{what}: {}", line.chars().take(400).collect::<String>()));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Logs every event of every crate at TRACE (or `TOKENVAULT_TEST_LOG`) through [`LeakScanner`], so every
+/// scenario of the suite is also a check that no secret reaches the logs. The fake Trackunit's own
+/// server is not tokenvault and is left out.
+pub fn scan_logs() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let filter = std::env::var("TOKENVAULT_TEST_LOG").unwrap_or_else(|_| "trace,wiremock=off".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .with_writer(|| LeakScanner)
+            .try_init();
+    });
+}
+
+/// Fails the test if any log line so far held a secret.
+pub fn assert_no_secret_logged() {
+    let leaks = LEAKS.lock().unwrap();
+    assert!(leaks.is_empty(), "secrets reached the logs:\n{}", leaks.join("\n"));
+}
+
 /// The PostgreSQL server the tests use: `DATABASE_URL` (set by `make test`), else a local default.
 pub fn server_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -195,6 +263,7 @@ impl Respond for JwksResponder {
 }
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
+    scan_logs();
     let database = format!("tv_test_{}", uuid::Uuid::new_v4().simple());
     let server = server_url();
     let mut admin = PgConnection::connect(&server).await.expect("PostgreSQL is reachable (run `make test`)");
@@ -245,6 +314,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         vars.insert(name.into(), value);
     }
     let encryption_keys = vars["TOKENVAULT_ENCRYPTION_KEYS"].clone();
+    ENCRYPTION_KEYS
+        .lock()
+        .unwrap()
+        .extend(encryption_keys.split(',').filter_map(|k| Some(k.split_once(':')?.1.to_owned())));
     let settings = Settings::load(&Source::from_map(vars)).expect("test settings are valid");
     let (public, internal, stopper) = start(settings).await.expect("the application starts");
 
@@ -295,6 +368,14 @@ async fn start(settings: Settings) -> anyhow::Result<(u16, u16, Stopper)> {
         });
     });
     receiver.await?
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_secret_logged();
+        }
+    }
 }
 
 /// Another tokenvault process over the same database and fake Trackunit.
@@ -492,4 +573,13 @@ pub async fn eventually<T, F: std::future::Future<Output = T>>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[test]
+fn the_leak_scanner_recognises_every_secret_shape() {
+    assert_eq!(leaked_secret("x csecret-abc"), Some("client secret"));
+    assert_eq!(leaked_secret(&format!("cid-{}", "a".repeat(32))), Some("client id"));
+    assert_eq!(leaked_secret(&format!("\"at-12-{}\"", "f".repeat(32))), Some("access token"));
+    assert_eq!(leaked_secret("Bearer tvk_abc"), Some("service key"));
+    assert_eq!(leaked_secret("waiting at-least 5 s, cid-1"), None);
 }
