@@ -63,7 +63,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// The name used in the audit trail, metrics and logs.
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Stored(_) => "stored",
             Outcome::Unchanged(_) => "unchanged",

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod domain;
 pub mod error;
 pub mod identity;
+pub mod in_flight;
 pub mod installs;
 pub mod outbound;
 pub mod rotation;

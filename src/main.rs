@@ -4,10 +4,15 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = tokenvault::cli::Cli::parse();
-    match tokenvault::cli::run(cli).await {
+    // An actix System over a multi-thread Tokio runtime: actix-server's workers then run as the System's
+    // arbiters, which drain in-flight connections on a graceful stop, and the offloaded database and
+    // upstream work (see `routes::offload`) still gets every core.
+    let system = actix_web::rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("the Tokio runtime starts")
+    });
+    match system.block_on(tokenvault::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line naming the cause: the outermost context and its sources.

@@ -16,6 +16,7 @@ use tracing_actix_web::TracingLogger;
 use crate::broker::{Broker, ProviderProfile, TokenEndpoint};
 use crate::directory::{Change, Directory};
 use crate::identity::{IdentityVerifier, JwksCache};
+use crate::in_flight::InFlight;
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::store;
@@ -26,6 +27,7 @@ const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
 pub struct Application {
+    in_flight: InFlight,
     public_port: u16,
     internal_port: u16,
     public: Server,
@@ -69,6 +71,50 @@ async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Middleware that counts each request in `in_flight` until its response is ready.
+fn counted<S, B>(
+    in_flight: InFlight,
+) -> impl actix_web::dev::Transform<
+    S,
+    actix_web::dev::ServiceRequest,
+    Response = actix_web::dev::ServiceResponse<actix_web::body::BoxBody>,
+    Error = actix_web::Error,
+    InitError = (),
+>
+where
+    S: actix_web::dev::Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        > + 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    actix_web::middleware::from_fn(move |request, next: actix_web::middleware::Next<B>| {
+        let guard = in_flight.enter();
+        async move {
+            let response = next.call(request).await;
+            drop(guard);
+            response.map(actix_web::dev::ServiceResponse::map_into_boxed_body)
+        }
+    })
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot listen for SIGTERM; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
 impl Application {
     /// Binds both listeners (port 0 picks a free one), loads the JWKS once, and builds the servers.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
@@ -109,6 +155,7 @@ impl Application {
             directory,
             apps: settings.apps.clone(),
             metrics: metrics_handle(),
+            runtime: tokio::runtime::Handle::current(),
         });
 
         let public_listener = TcpListener::bind(settings.public_addr)
@@ -118,24 +165,37 @@ impl Application {
         let public_port = public_listener.local_addr()?.port();
         let internal_port = internal_listener.local_addr()?.port();
 
-        let public_state = state.clone();
+        let in_flight = InFlight::default();
+        let (public_state, public_in_flight) = (state.clone(), in_flight.clone());
         let public = HttpServer::new(move || {
-            App::new().wrap(TracingLogger::default()).app_data(public_state.clone()).configure(routes::public)
+            App::new()
+                .wrap(TracingLogger::default())
+                .wrap(counted(public_in_flight.clone()))
+                .app_data(public_state.clone())
+                .configure(routes::public)
         })
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+        // Signals are handled in `run_until_stopped`, for both servers together.
+        .disable_signals()
         .listen(public_listener)?
         .run();
+        let internal_in_flight = in_flight.clone();
         let internal = HttpServer::new(move || {
-            App::new().wrap(TracingLogger::default()).app_data(state.clone()).configure(routes::internal)
+            App::new()
+                .wrap(TracingLogger::default())
+                .wrap(counted(internal_in_flight.clone()))
+                .app_data(state.clone())
+                .configure(routes::internal)
         })
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+        .disable_signals()
         .listen(internal_listener)?
         .run();
 
         tracing::info!(public.port = public_port, internal.port = internal_port, "tokenvault listening");
-        Ok(Self { public_port, internal_port, public, internal, pool, background })
+        Ok(Self { in_flight, public_port, internal_port, public, internal, pool, background })
     }
 
     pub fn public_port(&self) -> u16 {
@@ -151,13 +211,38 @@ impl Application {
         [self.public.handle(), self.internal.handle()]
     }
 
-    /// Serves until a stop signal reaches both servers (actix-web handles SIGINT/SIGTERM).
+    /// Serves until SIGINT or SIGTERM (or a [`server_handles`](Self::server_handles) stop), then stops
+    /// both servers gracefully: no new connections, in-flight requests finish (up to 30 s).
+    ///
+    /// Both servers are always awaited to the end: with `try_join!`, an error from one (a worker that
+    /// panicked while shutting down) would drop the other mid-request.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let result = tokio::try_join!(self.public, self.internal);
+        let [public, internal] = self.server_handles();
+        let servers = async { tokio::join!(self.public, self.internal) };
+        tokio::pin!(servers);
+        let (public_result, internal_result) = tokio::select! {
+            results = &mut servers => results,
+            () = stop_signal() => {
+                tracing::info!(requests = self.in_flight.count(), "stop signal received; finishing in-flight requests");
+                // Handles send their commands at once, but the servers act on them only while polled:
+                // keep polling them while we wait for the requests in flight to finish.
+                let _pausing = (public.pause(), internal.pause());
+                let drain = async {
+                    let drained = tokio::time::timeout(Duration::from_secs(SHUTDOWN_TIMEOUT_SECS), self.in_flight.drained());
+                    if drained.await.is_err() {
+                        tracing::warn!(requests = self.in_flight.count(), "requests still in flight after the shutdown timeout");
+                    }
+                    (public.stop(true), internal.stop(true))
+                };
+                let (results, _stopping) = tokio::join!(servers, drain);
+                results
+            }
+        };
         for task in self.background {
             task.abort();
         }
         self.pool.close().await;
-        result.map(drop).context("an HTTP server failed")
+        public_result.context("the public server failed")?;
+        internal_result.context("the internal server failed")
     }
 }

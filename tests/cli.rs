@@ -176,25 +176,8 @@ async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    let (public, internal) = (free_port(), free_port());
-    let mut child = tokenvault_for(&app)
-        .arg("serve")
-        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, _, internal) = serve(&app).await;
     let base = format!("http://127.0.0.1:{internal}");
-    let mut up = false;
-    for _ in 0..100 {
-        if app.http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status() == 200) {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "serve came up");
 
     *app.upstream.delay.lock().unwrap() = Duration::from_millis(1500);
     let in_flight = {
@@ -229,14 +212,7 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
     let line = status.lines().find(|l| l.starts_with("test ")).unwrap_or_default();
     assert!(line.contains("yes") && line.split_whitespace().nth(2) == Some("2"), "{status}");
 
-    sqlx::query("update installation set client_secret_ciphertext = client_id_ciphertext where account_id = 'acc-2'")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let broken: uuid::Uuid = sqlx::query_scalar("select id from installation where account_id = 'acc-2'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let broken = app.break_credentials("acc-2").await;
     let output = run(tokenvault_for(&app)
         .args(["keys", "rotate", "--batch-size", "1"])
         .env("TOKENVAULT_ENCRYPTION_KEYS", &ring));

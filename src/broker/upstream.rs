@@ -230,6 +230,8 @@ impl TokenEndpoint {
 }
 
 fn connection_reason(error: &reqwest::Error) -> String {
+    // The whole chain, for operators; a reqwest error names the URL, which holds no secret.
+    tracing::debug!(error = ?error, "upstream request failed");
     if error.is_connect() { "connection failed".into() } else { "request failed".into() }
 }
 

@@ -24,9 +24,9 @@ pub async fn trackunit(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let result = handle(&request, payload, &state).await;
+    let result = receive(&request, payload, &state).await;
     let label = match &result {
-        Ok(outcome) => outcome_label(*outcome),
+        Ok(outcome) => outcome.label(),
         Err(error) => error.code(),
     };
     tracing::Span::current().record("callback.outcome", label);
@@ -41,18 +41,12 @@ pub async fn trackunit(
     Ok(HttpResponse::build(status).finish())
 }
 
-fn outcome_label(outcome: Outcome) -> &'static str {
-    match outcome {
-        Outcome::Stored(_) => "stored",
-        Outcome::Unchanged(_) => "unchanged",
-        Outcome::Stale => "stale",
-        Outcome::Uninstalled(_) => "uninstalled",
-        Outcome::UnknownInstallation => "unknown_installation",
-        Outcome::Ignored => "ignored",
-    }
-}
-
-async fn handle(request: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<Outcome, ApiError> {
+/// The HTTP part, on the actix worker: content type, body, identity header. The rest is offloaded.
+async fn receive(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &web::Data<AppState>,
+) -> Result<Outcome, ApiError> {
     body::require_json(request)?;
     let raw = body::read(request, payload, MAX_CALLBACK_BYTES).await?;
 
@@ -63,6 +57,12 @@ async fn handle(request: &HttpRequest, payload: web::Payload, state: &AppState) 
     if header.trim().is_empty() {
         return Err(ApiError::MissingIdentity);
     }
+    let (header, state_for_task) = (header.to_owned(), web::Data::clone(state));
+    super::offload(state, async move { handle(&header, raw, &state_for_task).await }).await
+}
+
+/// Verify, parse, authorise, store.
+async fn handle(header: &str, raw: zeroize::Zeroizing<Vec<u8>>, state: &AppState) -> Result<Outcome, ApiError> {
     let identity = state.identity.verify(header).await.map_err(|error| match error {
         VerifyError::Invalid(error) => ApiError::InvalidIdentity(error),
         VerifyError::KeysUnavailable => ApiError::IdentityKeysUnavailable { retry_after_secs: KEYS_RETRY_AFTER_SECS },

@@ -22,7 +22,8 @@ async fn healthz() -> HttpResponse {
 
 /// Ready to serve: the database answers and a JWKS is loaded.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let database = store::ping(&state.pool).await;
+    let pool = state.pool.clone();
+    let database = super::offload(&state, async move { Ok(store::ping(&pool).await) }).await.unwrap_or(false);
     let jwks = state.identity.keys().is_loaded();
     let body = serde_json::json!({ "database": database, "jwks": jwks });
     if database && jwks {

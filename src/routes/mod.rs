@@ -30,6 +30,27 @@ pub struct AppState {
     pub directory: Arc<Directory>,
     pub apps: Option<HashSet<String>>,
     pub metrics: PrometheusHandle,
+    /// The service's main runtime; see [`offload`].
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Runs a handler's database and upstream work on the service's main runtime instead of the actix worker's.
+///
+/// Why: the connection pools (sqlx, reqwest) spawn background tasks on whichever runtime uses them. An
+/// actix worker's runtime ends when the worker stops, and idle workers stop first during a graceful
+/// shutdown, taking such tasks with them while other workers still finish requests that depend on them.
+/// Workers therefore only speak HTTP; everything else lives on the runtime that outlives the servers.
+/// A panic in `work` becomes a 500 rather than a dead connection.
+async fn offload<T: Send + 'static>(
+    state: &AppState,
+    work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    use tracing::Instrument;
+    state
+        .runtime
+        .spawn(work.instrument(tracing::Span::current()))
+        .await
+        .map_err(|error| ApiError::Internal(anyhow::Error::new(error).context("the request's task failed")))?
 }
 
 /// The internet-facing listener: the callback and health only.

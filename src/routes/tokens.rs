@@ -32,18 +32,50 @@ pub async fn issue(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let result = handle(&request, payload, &state).await;
+    let result = receive(&request, payload, &state).await;
     metrics::counter!("tokenvault_token_requests_total", "outcome" => result.as_ref().map_or_else(|e| e.code(), |_| "ok"))
         .increment(1);
     result
 }
 
-async fn handle(request: &HttpRequest, payload: web::Payload, state: &AppState) -> Result<HttpResponse, ApiError> {
-    let client = auth::authenticate(request, state).await?;
+/// The HTTP part, on the actix worker: key header, body, response. The rest is offloaded.
+async fn receive(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let digest = auth::presented_key(request)?;
+    // Read the body whatever the key; its errors are answered only once the key is known good (401 first).
+    let body = match body::require_json(request) {
+        Ok(()) => body::read(request, payload, MAX_REQUEST_BYTES).await,
+        Err(error) => Err(error),
+    };
+    let state_for_task = web::Data::clone(state);
+    let token = super::offload(state, async move { issue_token(&digest, body, &state_for_task).await }).await?;
+
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({
+        "access_token": token.access_token.expose_secret(),
+        "token_type": token.token_type,
+        "expires_in": token.seconds_left(now),
+        "expires_at": token.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "scope": token.scope,
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::PRAGMA, "no-cache"))
+        .json(body))
+}
+
+async fn issue_token(
+    digest: &[u8; 32],
+    body: Result<zeroize::Zeroizing<Vec<u8>>, ApiError>,
+    state: &AppState,
+) -> Result<std::sync::Arc<crate::broker::Token>, ApiError> {
+    let client = auth::authenticate(digest, state).await?;
     let span = tracing::Span::current();
     span.record("client.name", client.name.as_str());
-    body::require_json(request)?;
-    let raw = body::read(request, payload, MAX_REQUEST_BYTES).await?;
+    let raw = body?;
     let wanted = parse(&raw)?;
     span.record("account.id", wanted.account_id.as_str());
 
@@ -60,20 +92,7 @@ async fn handle(request: &HttpRequest, payload: web::Payload, state: &AppState) 
         .await
         .map_err(broker_error)?;
     span.record("installation.id", tracing::field::display(installation.id));
-    let token = broker.token(&installation, &wanted.scopes, wanted.min_ttl).await.map_err(broker_error)?;
-
-    let now = chrono::Utc::now();
-    let body = serde_json::json!({
-        "access_token": token.access_token.expose_secret(),
-        "token_type": token.token_type,
-        "expires_in": token.seconds_left(now),
-        "expires_at": token.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "scope": token.scope,
-    });
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .insert_header((header::PRAGMA, "no-cache"))
-        .json(body))
+    broker.token(&installation, &wanted.scopes, wanted.min_ttl).await.map_err(broker_error)
 }
 
 fn broker_error(error: BrokerError) -> ApiError {

@@ -467,6 +467,18 @@ impl TestApp {
         rows.into_iter().map(|r| r.0).collect()
     }
 
+    /// Makes an installation's credentials undecryptable the way a bad copy would: its client id
+    /// ciphertext moved into the secret column (right key, wrong associated data). Returns its id.
+    pub async fn break_credentials(&self, account_id: &str) -> uuid::Uuid {
+        sqlx::query_scalar(
+            "update installation set client_secret_ciphertext = client_id_ciphertext where account_id = $1 returning id",
+        )
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
     pub async fn installation_count(&self) -> i64 {
         sqlx::query_scalar("select count(*) from installation").fetch_one(&self.pool).await.unwrap()
     }

@@ -103,14 +103,7 @@ async fn rotation_names_rows_it_cannot_decrypt_and_leaves_them_untouched() {
     let app = spawn_app().await;
     app.install("acc-1").await;
     app.install("acc-2").await;
-    sqlx::query("update installation set client_secret_ciphertext = client_id_ciphertext where account_id = 'acc-2'")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let broken: uuid::Uuid = sqlx::query_scalar("select id from installation where account_id = 'acc-2'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let broken = app.break_credentials("acc-2").await;
     let before: Vec<u8> = sqlx::query_scalar("select client_id_ciphertext from installation where id = $1")
         .bind(broken)
         .fetch_one(&app.pool)

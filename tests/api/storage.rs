@@ -64,10 +64,7 @@ async fn ciphertext_swapped_between_rows_fails_to_decrypt_and_no_upstream_call_i
 async fn a_client_id_moved_into_the_secret_column_of_its_own_row_fails_to_decrypt() {
     let app = spawn_app().await;
     app.install("acc-1").await;
-    sqlx::query("update installation set client_secret_ciphertext = client_id_ciphertext")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    app.break_credentials("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
     let response = app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await;
     assert_problem(response, 500, "credentials_unreadable").await;
