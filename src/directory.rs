@@ -83,6 +83,16 @@ impl Directory {
         Ok(found)
     }
 
+    /// The cached client for `digest`, without touching the database (the hot path).
+    pub fn cached_client(&self, digest: &[u8; 32]) -> Option<Arc<ApiClient>> {
+        self.clients.get(digest)
+    }
+
+    /// The cached installations of `account_id`, without touching the database (the hot path).
+    pub fn cached_installations(&self, account_id: &str) -> Option<Arc<Vec<Installation>>> {
+        self.installations.get(account_id)
+    }
+
     /// Every installation of `account_id`, whatever its status.
     pub async fn installations(&self, account_id: &str) -> sqlx::Result<Arc<Vec<Installation>>> {
         if let Some(found) = self.installations.get(account_id) {

@@ -11,7 +11,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
-use tracing_actix_web::TracingLogger;
+use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
 use crate::broker::{Broker, ProviderProfile, TokenEndpoint};
 use crate::directory::{Change, Directory};
@@ -69,6 +69,24 @@ async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()>
         );
     }
     Ok(())
+}
+
+/// Request spans at DEBUG for the internal listener, whose token path is the hot path: at INFO, building a
+/// span with a dozen fields per request costs as much as serving a cached token. The public listener keeps
+/// INFO spans (callbacks are rare and worth tracing).
+struct DebugRootSpan;
+
+impl RootSpanBuilder for DebugRootSpan {
+    fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
+        tracing_actix_web::root_span!(level = tracing::Level::DEBUG, request)
+    }
+
+    fn on_request_end<B: actix_web::body::MessageBody>(
+        span: tracing::Span,
+        outcome: &Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>,
+    ) {
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
 }
 
 /// Middleware that counts each request in `in_flight` until its response is ready.
@@ -183,7 +201,7 @@ impl Application {
         let internal_in_flight = in_flight.clone();
         let internal = HttpServer::new(move || {
             App::new()
-                .wrap(TracingLogger::default())
+                .wrap(TracingLogger::<DebugRootSpan>::new())
                 .wrap(counted(internal_in_flight.clone()))
                 .app_data(state.clone())
                 .configure(routes::internal)

@@ -102,6 +102,9 @@ pub struct Broker {
     /// Bounds concurrent mints: each holds a pooled connection for the whole upstream call, and the
     /// callbacks must always find a connection free.
     mints: tokio::sync::Semaphore,
+    /// The main runtime, where background refreshes run (not the runtime of whichever actix worker
+    /// served the request that started them; see `routes::offload`).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Broker {
@@ -125,23 +128,50 @@ impl Broker {
             flights: Cache::builder().time_to_idle(Duration::from_secs(60)).build(),
             backoff: Backoff::new(),
             mints: tokio::sync::Semaphore::new(max_concurrent_mints.max(1)),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
     /// The installation a token request is for: the one of `app_id`, or the account's only usable one.
     pub async fn resolve(&self, account_id: &str, app_id: Option<&str>) -> Result<Installation, BrokerError> {
         let installations = self.directory.installations(account_id).await?;
-        let mut usable = installations
-            .iter()
-            .filter(|i| matches!(i.status(), Status::Active | Status::Rejected))
-            .filter(|i| app_id.is_none_or(|app| i.app_id == app));
-        match (usable.next(), usable.next()) {
-            (None, _) => Err(BrokerError::NotInstalled),
-            (Some(only), None) => Ok(only.clone()),
-            (Some(_), Some(_)) => Err(BrokerError::AmbiguousApp),
-        }
+        pick(&installations, app_id)
     }
 
+    /// The hot path, all in memory and without waiting: a token for an account whose installations, and a
+    /// token fresh for `min_ttl`, are already cached. `None` means "take the full path".
+    pub fn cached(
+        self: &Arc<Self>,
+        account_id: &str,
+        app_id: Option<&str>,
+        scopes: &ScopeSet,
+        min_ttl: Duration,
+    ) -> Option<(Uuid, Arc<Token>)> {
+        let installations = self.directory.cached_installations(account_id)?;
+        let installation = pick(&installations, app_id).ok().filter(|i| i.status() == Status::Active)?;
+        let key = CacheKey {
+            installation_id: installation.id,
+            credentials_version: installation.credentials_version,
+            scope_key: scopes.key().into(),
+        };
+        self.fresh_from_memory(&key, &installation, scopes, min_ttl).map(|token| (installation.id, token))
+    }
+}
+
+/// The installation a request is for among an account's: the one of `app_id`, or the only usable one.
+fn pick(installations: &[Installation], app_id: Option<&str>) -> Result<Installation, BrokerError> {
+    let mut usable = installations
+        .iter()
+        .filter(|i| matches!(i.status(), Status::Active | Status::Rejected))
+        .filter(|i| app_id.is_none_or(|app| i.app_id == app));
+    match (usable.next(), usable.next()) {
+        (None, _) => Err(BrokerError::NotInstalled),
+        (Some(only), None) => Ok(only.clone()),
+        (Some(_), Some(_)) => Err(BrokerError::AmbiguousApp),
+    }
+}
+
+impl Broker {
     /// A token for `installation` and `scopes` valid for at least `min_ttl` (see [`Token::fresh_for`]).
     pub async fn token(
         self: &Arc<Self>,
@@ -225,7 +255,7 @@ impl Broker {
     /// Replaces `entry`'s token, still in demand, before it runs short, off the request path.
     fn spawn_refresh(self: &Arc<Self>, key: CacheKey, installation: Installation, scopes: ScopeSet, entry: Arc<Entry>) {
         let broker = Arc::clone(self);
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let flight = broker.flights.get_with(key.clone(), Default::default);
             let _turn = flight.lock().await;
             let replaced = broker.memory.get(&key).is_some_and(|current| !Arc::ptr_eq(&current, &entry));
