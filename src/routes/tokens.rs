@@ -1,12 +1,12 @@
 //! `POST /v1/tokens`: hands an access token for an account to an internal service allowed to have it.
 //! Checks, in this order: 401 key, 400 body, 403 grant, 404 installation, 409 ambiguity, then upstream.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use secrecy::ExposeSecret;
-use serde_json::Value;
 
 use super::{AppState, auth, body};
 use crate::broker::{BrokerError, UpstreamError};
@@ -18,6 +18,16 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const DEFAULT_MIN_TTL_SECS: u64 = 60;
 /// A day: longer than any access token lives, so anything above is a mistake.
 const LONGEST_MIN_TTL_SECS: u64 = 86_400;
+
+/// The 200 answer (RFC 6749 §5.1 names, plus `expires_at`).
+#[derive(serde::Serialize)]
+struct TokenResponse<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_in: i64,
+    expires_at: String,
+    scope: &'a str,
+}
 
 /// A checked token request.
 struct TokenRequest {
@@ -61,14 +71,13 @@ async fn receive(
         }
     };
 
-    let now = chrono::Utc::now();
-    let body = serde_json::json!({
-        "access_token": token.access_token.expose_secret(),
-        "token_type": token.token_type,
-        "expires_in": token.seconds_left(now),
-        "expires_at": token.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "scope": token.scope,
-    });
+    let body = TokenResponse {
+        access_token: token.access_token.expose_secret(),
+        token_type: &token.token_type,
+        expires_in: token.seconds_left(chrono::Utc::now()),
+        expires_at: token.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        scope: &token.scope,
+    };
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::PRAGMA, "no-cache"))
@@ -152,35 +161,32 @@ fn broker_error(error: BrokerError) -> ApiError {
     }
 }
 
+/// The body as sent. Deserialized straight from the bytes, borrowing where it can: this runs on every
+/// request of the hot path. serde refuses a repeated known field; unknown fields are ignored.
+#[derive(serde::Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    account_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    app_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    scopes: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    min_ttl_seconds: Option<serde_json::Number>,
+}
+
 fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
     let bad = |detail: String| ApiError::InvalidRequest(detail);
-    let value =
-        crate::strict_json::from_slice(raw).map_err(|_| bad("the body is not valid JSON (or repeats a key)".into()))?;
-    let Value::Object(object) = value else {
-        return Err(bad("the body must be a JSON object".into()));
-    };
-    let text = |name: &str, value: &Value| -> Result<TextField, ApiError> {
-        let text = value.as_str().ok_or_else(|| bad(format!("`{name}` must be a string")))?;
-        TextField::parse(text).map_err(|e| bad(format!("`{name}` {e}")))
-    };
-    let account_id =
-        text("account_id", object.get("account_id").ok_or_else(|| bad("`account_id` is missing".into()))?)?;
-    let app_id = match object.get("app_id") {
-        None | Some(Value::Null) => None,
-        Some(value) => Some(text("app_id", value)?),
-    };
-    let scopes = object
-        .get("scopes")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("`scopes` must be an array of strings".into()))?;
-    let scope_texts: Vec<&str> = scopes
-        .iter()
-        .map(|s| s.as_str().ok_or_else(|| bad("`scopes` must be an array of strings".into())))
-        .collect::<Result<_, _>>()?;
-    let scopes = ScopeSet::parse(scope_texts).map_err(|e| bad(format!("`scopes`: {e}")))?;
-    let min_ttl_secs = match object.get("min_ttl_seconds") {
-        None | Some(Value::Null) => DEFAULT_MIN_TTL_SECS,
-        Some(value) => value
+    let request: RawRequest<'_> =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("the body is not a valid token request: {e}")))?;
+    let text = |name: &str, value: &str| TextField::parse(value).map_err(|e| bad(format!("`{name}` {e}")));
+    let account_id = text("account_id", &request.account_id.ok_or_else(|| bad("`account_id` is missing".into()))?)?;
+    let app_id = request.app_id.map(|app| text("app_id", &app)).transpose()?;
+    let scopes = request.scopes.ok_or_else(|| bad("`scopes` must be an array of strings".into()))?;
+    let scopes = ScopeSet::parse(scopes.iter().map(|s| s.as_ref())).map_err(|e| bad(format!("`scopes`: {e}")))?;
+    let min_ttl_secs = match request.min_ttl_seconds {
+        None => DEFAULT_MIN_TTL_SECS,
+        Some(number) => number
             .as_u64()
             .filter(|secs| *secs <= LONGEST_MIN_TTL_SECS)
             .ok_or_else(|| bad(format!("`min_ttl_seconds` must be a whole number from 0 to {LONGEST_MIN_TTL_SECS}")))?,
