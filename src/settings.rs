@@ -87,6 +87,8 @@ pub struct Settings {
     /// irisAppIds we accept installs for; `None` accepts any.
     pub apps: Option<HashSet<String>>,
     pub log_format: LogFormat,
+    /// Most access tokens one replica keeps in memory.
+    pub token_cache_capacity: u64,
 }
 
 impl fmt::Debug for Settings {
@@ -101,6 +103,7 @@ impl fmt::Debug for Settings {
             .field("upstream", &self.upstream)
             .field("apps", &self.apps)
             .field("log_format", &self.log_format)
+            .field("token_cache_capacity", &self.token_cache_capacity)
             .finish()
     }
 }
@@ -304,6 +307,7 @@ impl Settings {
             },
             apps,
             log_format,
+            token_cache_capacity: source.parsed("TOKENVAULT_TOKEN_CACHE_CAPACITY", 200_000)?,
         })
     }
 }

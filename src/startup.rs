@@ -153,6 +153,7 @@ impl Application {
             // Each mint holds a connection across the upstream call. Leave one for the LISTEN connection
             // and half of the rest for callbacks, readiness and directory reads.
             (settings.database_max_connections as usize).saturating_sub(1) / 2,
+            settings.token_cache_capacity,
         ));
         let forget_tokens = Arc::clone(&broker);
         let background = vec![

@@ -37,9 +37,6 @@ use crate::domain::ScopeSet;
 use crate::store::installation::{self, Installation, Status};
 use crate::store::token_cache::{self, CachedTokenRow};
 
-/// Most tokens kept in memory; beyond this the least useful are evicted (TinyLFU).
-const MEMORY_CAPACITY: u64 = 200_000;
-
 /// Why no token could be handed out.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -95,6 +92,10 @@ pub struct Broker {
     upstream: TokenEndpoint,
     directory: Arc<Directory>,
     memory: Cache<CacheKey, Arc<Entry>>,
+    /// Installations with tokens in `memory`, so `forget` registers an invalidation only when there is
+    /// something to drop (moka keeps each predicate until the cache is next used: one per callback would
+    /// pile up on a replica that stores installs but serves no tokens).
+    holders: Cache<Uuid, ()>,
     /// One mutex per key being minted, so concurrent requests in this process share one mint.
     flights: Cache<CacheKey, Arc<tokio::sync::Mutex<()>>>,
     /// Keys whose last upstream attempt failed, and when they may try again.
@@ -108,12 +109,14 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// `capacity`: most tokens kept in memory; beyond it the least useful are evicted (TinyLFU).
     pub fn new(
         pool: PgPool,
         keys: Arc<KeyRing>,
         upstream: TokenEndpoint,
         directory: Arc<Directory>,
         max_concurrent_mints: usize,
+        capacity: u64,
     ) -> Self {
         Self {
             pool,
@@ -121,10 +124,11 @@ impl Broker {
             upstream,
             directory,
             memory: Cache::builder()
-                .max_capacity(MEMORY_CAPACITY)
+                .max_capacity(capacity)
                 .expire_after(entry::UntilExpiry)
                 .support_invalidation_closures()
                 .build(),
+            holders: Cache::builder().max_capacity(capacity).time_to_idle(Duration::from_secs(24 * 3600)).build(),
             flights: Cache::builder().time_to_idle(Duration::from_secs(60)).build(),
             backoff: Backoff::new(),
             mints: tokio::sync::Semaphore::new(max_concurrent_mints.max(1)),
@@ -249,6 +253,7 @@ impl Broker {
     /// Caches `token`, carrying over the demand known for the token it replaces.
     fn remember(&self, key: CacheKey, token: Arc<Token>, min_ttl: Duration) {
         let demand = self.memory.get(&key).map_or(min_ttl, |old| old.demand().max(min_ttl));
+        self.holders.insert(key.installation_id, ());
         self.memory.insert(key, Arc::new(Entry::new(token, demand)));
     }
 
@@ -397,6 +402,9 @@ impl Broker {
 
     /// Drops every in-memory token of an installation (its credentials changed or were erased).
     pub fn forget(&self, installation_id: Uuid) {
+        if self.holders.remove(&installation_id).is_none() {
+            return;
+        }
         // Only fails when invalidation closures are not enabled, and they are.
         let _ = self.memory.invalidate_entries_if(move |key, _| key.installation_id == installation_id);
     }

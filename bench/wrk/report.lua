@@ -1,0 +1,32 @@
+-- Shared by the benchmark's wrk scripts (loaded with dofile): ends the run with one machine-readable line
+-- that bench/run.sh reads. Latencies are in microseconds, as wrk measures them.
+function done(summary, latency, requests)
+  local seconds = summary.duration / 1e6
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_s=%.3f rps=%.1f p50_us=%.0f p90_us=%.0f p99_us=%.0f max_us=%.0f mean_us=%.0f status_errors=%d socket_errors=%d\n",
+    summary.requests, seconds, summary.requests / seconds,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean,
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+
+-- The benchmark's account ids look like Trackunit's (36-character UUIDs): part `run`, number `idx`.
+function bench_account(run, idx)
+  return string.format("%08x-0000-4000-8000-%012d", run, idx)
+end
+
+function bench_env(name, default)
+  local value = os.getenv(name)
+  if value == nil or value == "" then
+    if default == nil then error("bench: " .. name .. " is not set") end
+    return default
+  end
+  return value
+end
+
+-- BENCH_DELAY_MS paces each connection: it waits that long before sending its next request, so the load
+-- stays below saturation and the latency measured is the service's, not the queue's.
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if pause ~= nil and pause > 0 then
+  function delay() return pause end
+end

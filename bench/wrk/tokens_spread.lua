@@ -1,0 +1,44 @@
+-- POST /v1/tokens over several replicas and many (account, scope set) keys, chosen at random per request.
+-- Thread i of wrk talks to the replica BENCH_PORTS[i mod n], so -t must be a multiple of the replica count
+-- for an even spread. BENCH_ACCOUNTS accounts (ids bench_account(BENCH_RUN, 0..n-1)) times the five scope
+-- sets below make the keys. BENCH_MIN_TTL, when set, is sent as min_ttl_seconds.
+dofile(os.getenv("BENCH_WRK_DIR") .. "/report.lua")
+
+local ports = {}
+for port in string.gmatch(bench_env("BENCH_PORTS"), "%d+") do table.insert(ports, port) end
+local next_thread = 0
+
+function setup(thread)
+  local port = ports[(next_thread % #ports) + 1]
+  thread.addr = wrk.lookup("127.0.0.1", port)[1]
+  thread:set("seed", next_thread + 1)
+  next_thread = next_thread + 1
+end
+
+local scope_sets = {
+  '["asset.view"]',
+  '["asset.view","asset.edit"]',
+  '["telemetry.read"]',
+  '["fleet.read","telemetry.read"]',
+  '["alerts.view","asset.view","fleet.read"]',
+}
+local bodies = {}
+
+function init(args)
+  math.randomseed(os.time() * 1000 + (seed or 0))
+  local run = tonumber(bench_env("BENCH_RUN"))
+  local min_ttl = os.getenv("BENCH_MIN_TTL")
+  local extra = ""
+  if min_ttl ~= nil and min_ttl ~= "" then extra = ',"min_ttl_seconds":' .. min_ttl end
+  for a = 0, tonumber(bench_env("BENCH_ACCOUNTS")) - 1 do
+    for _, scopes in ipairs(scope_sets) do
+      table.insert(bodies, string.format('{"account_id":"%s","scopes":%s%s}', bench_account(run, a), scopes, extra))
+    end
+  end
+  wrk.headers["Authorization"] = "Bearer " .. bench_env("BENCH_KEY")
+  wrk.headers["Content-Type"] = "application/json"
+end
+
+function request()
+  return wrk.format("POST", "/v1/tokens", nil, bodies[math.random(#bodies)])
+end
