@@ -317,3 +317,166 @@ async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_
     let _ = restarted.kill();
     let _ = restarted.wait();
 }
+
+/// A PostgreSQL cluster of this test's own, so it can really be restarted without disturbing others.
+struct PrivateCluster {
+    bin: std::path::PathBuf,
+    data: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivateCluster {
+    fn pg(&self, tool: &str) -> Command {
+        let as_root = Command::new("id").arg("-u").output().map(|o| text(&o.stdout).trim() == "0").unwrap_or(false);
+        let mut command = if as_root {
+            let mut runuser = Command::new("runuser");
+            runuser.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            runuser
+        } else {
+            Command::new(self.bin.join(tool))
+        };
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        command
+    }
+
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries (make test installs them)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("an initdb under /usr/lib/postgresql");
+        let data = std::env::temp_dir().join(format!("tv-restart-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&data).unwrap();
+        let _ = Command::new("chown").args(["postgres", data.to_str().unwrap()]).status();
+        let cluster = Self { bin, data, port: free_port() };
+        assert!(
+            cluster
+                .pg("initdb")
+                .args(["-D", cluster.data.to_str().unwrap(), "-U", "postgres", "--auth=trust"])
+                .status()
+                .unwrap()
+                .success()
+        );
+        cluster.pg_ctl("start");
+        cluster
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.data.display());
+        let status = self
+            .pg("pg_ctl")
+            .args(["-D", self.data.to_str().unwrap(), "-w", "-m", "fast", "-o", &options, action])
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl {action}");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = self.pg("pg_ctl").args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"]).status();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+#[tokio::test]
+async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_recover_without_restarting_tokenvault()
+{
+    let app = spawn_app().await; // the fake Trackunit and a key ring
+    let cluster = PrivateCluster::start();
+    let mut command = tokenvault_for(&app);
+    command.env("DATABASE_URL", cluster.url());
+    assert!(run(command.arg("migrate")).status.success());
+
+    let (public, internal) = (free_port(), free_port());
+    let mut child = tokenvault_for(&app)
+        .arg("serve")
+        .env("DATABASE_URL", cluster.url())
+        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
+        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let callback = |account: &str| {
+        app.http
+            .post(format!("http://127.0.0.1:{public}/callbacks/trackunit"))
+            .header("content-type", "application/json")
+            .header("Trackunit-Identity", identity())
+            .json(&installed_body(account, &credentials()))
+            .send()
+    };
+    let mut ready = false;
+    for _ in 0..100 {
+        if callback("acc-1").await.is_ok_and(|r| r.status() == 204) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "serve came up and stored the first install");
+    let pool = sqlx::PgPool::connect(&cluster.url()).await.unwrap();
+    let key = tokenvault::domain::ServiceKey::generate();
+    tokenvault::store::api_client::create(&pool, "load", &key.sha256(), &["*".into()], &["*".into()], false)
+        .await
+        .unwrap();
+    pool.close().await;
+    let token_url = format!("http://127.0.0.1:{internal}/v1/tokens");
+    let body = json!({"account_id": "acc-1", "scopes": ["a"]});
+    let ask = || app.http.post(&token_url).bearer_auth(key.expose()).json(&body).send();
+    let first = eventually(ask, |r| r.as_ref().is_ok_and(|r| r.status() == 200)).await.unwrap();
+    assert_eq!(first.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the NOTIFYs of the setup drain
+
+    // Load: cached token requests, non-stop, while PostgreSQL restarts.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (http, url, key, body, stop) =
+            (app.http.clone(), token_url.clone(), key.expose().to_owned(), body.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut served, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match http.post(&url).bearer_auth(&key).json(&body).send().await {
+                    Ok(r) if r.status() == 200 => served += 1,
+                    _ => failed += 1,
+                }
+            }
+            (served, failed)
+        })
+    };
+    cluster.pg_ctl("stop");
+    let during = callback("acc-2").await.unwrap();
+    assert_eq!(during.status(), 503, "a callback during the outage is refused, so Trackunit retries");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.pg_ctl("start");
+
+    // Callbacks succeed again, without restarting tokenvault.
+    let after = eventually(|| callback("acc-2"), |r| r.as_ref().is_ok_and(|r| r.status() == 204)).await;
+    let recovered = match after {
+        Ok(response) if response.status() == 204 => true,
+        _ => {
+            // The pool may take a few seconds to notice; give it the acquire timeout twice more.
+            let mut ok = false;
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if callback("acc-2").await.is_ok_and(|r| r.status() == 204) {
+                    ok = true;
+                    break;
+                }
+            }
+            ok
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (served, failed) = load.await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(recovered, "callbacks succeed after the restart without restarting tokenvault");
+    assert!(served > 50, "cached tokens kept flowing: {served}");
+    assert_eq!(failed, 0, "no cached token request failed during the restart ({served} served)");
+}
