@@ -79,6 +79,10 @@ enum Want {
     NewerThan(chrono::DateTime<Utc>),
 }
 
+/// Registered once: counted on every cache hit, the hot path (see `routes::tokens::SERVED`).
+static MEMORY_HITS: std::sync::LazyLock<metrics::Counter> =
+    std::sync::LazyLock::new(|| metrics::counter!("tokenvault_token_cache_total", "tier" => "memory"));
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     installation_id: Uuid,
@@ -242,7 +246,7 @@ impl Broker {
         if !entry.token.fresh_for(min_ttl, now) {
             return None;
         }
-        metrics::counter!("tokenvault_token_cache_total", "tier" => "memory").increment(1);
+        MEMORY_HITS.increment(1);
         entry.note_demand(min_ttl);
         if entry.refresh_due(now) && entry.claim_refresh() {
             self.spawn_refresh(key.clone(), installation.clone(), scopes.clone(), Arc::clone(&entry));
