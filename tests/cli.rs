@@ -228,9 +228,15 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
 
 /// Starts `tokenvault serve` for `app` on free ports and waits until it answers; returns it and its ports.
 async fn serve(app: &TestApp) -> (std::process::Child, u16, u16) {
+    serve_on(app, &app.database_url).await
+}
+
+/// [`serve`] against another database.
+async fn serve_on(app: &TestApp, database_url: &str) -> (std::process::Child, u16, u16) {
     let (public, internal) = (free_port(), free_port());
     let mut child = tokenvault_for(app)
         .arg("serve")
+        .env("DATABASE_URL", database_url)
         .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
         .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
         .stdout(Stdio::null())
@@ -393,16 +399,7 @@ async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_
     command.env("DATABASE_URL", cluster.url());
     assert!(run(command.arg("migrate")).status.success());
 
-    let (public, internal) = (free_port(), free_port());
-    let mut child = tokenvault_for(&app)
-        .arg("serve")
-        .env("DATABASE_URL", cluster.url())
-        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, public, internal) = serve_on(&app, &cluster.url()).await;
     let callback = |account: &str| {
         app.http
             .post(format!("http://127.0.0.1:{public}/callbacks/trackunit"))
@@ -411,15 +408,7 @@ async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_
             .json(&installed_body(account, &credentials()))
             .send()
     };
-    let mut ready = false;
-    for _ in 0..100 {
-        if callback("acc-1").await.is_ok_and(|r| r.status() == 204) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "serve came up and stored the first install");
+    assert_eq!(callback("acc-1").await.unwrap().status(), 204, "the first install is stored");
     let pool = sqlx::PgPool::connect(&cluster.url()).await.unwrap();
     let key = tokenvault::domain::ServiceKey::generate();
     tokenvault::store::api_client::create(&pool, "load", &key.sha256(), &["*".into()], &["*".into()], false)
