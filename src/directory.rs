@@ -99,7 +99,7 @@ impl Directory {
             return Ok(found);
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let found = Arc::new(installation::for_account(&self.pool, account_id, None).await?);
+        let found = Arc::new(installation::for_account(&self.pool, account_id).await?);
         if self.generation.load(Ordering::Acquire) == generation {
             self.installations.insert(account_id.to_owned(), Arc::clone(&found));
         }

@@ -334,6 +334,7 @@ mod tests {
         assert_eq!(settings.identity.leeway, Duration::from_secs(60));
         assert!(settings.apps.is_none());
         assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(settings.token_cache_capacity, 200_000);
     }
 
     #[test]
@@ -354,6 +355,13 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(error.to_string().starts_with("TOKENVAULT_PUBLIC_ADDR:"), "{error}");
+        let error = Settings::load(&Source::from_pairs([
+            ("DATABASE_URL", "postgres://x"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str()),
+            ("TOKENVAULT_TOKEN_CACHE_CAPACITY", "lots"),
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().starts_with("TOKENVAULT_TOKEN_CACHE_CAPACITY:"), "{error}");
     }
 
     #[test]

@@ -412,10 +412,4 @@ impl Broker {
         // Only fails when invalidation closures are not enabled, and they are.
         let _ = self.memory.invalidate_entries_if(move |key, _| key.installation_id == installation_id);
     }
-
-    /// How many tokens are held in memory (for the benchmark and metrics).
-    pub fn cached_tokens(&self) -> u64 {
-        self.memory.run_pending_tasks();
-        self.memory.entry_count()
-    }
 }

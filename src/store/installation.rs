@@ -181,17 +181,12 @@ pub async fn mark_rejected(conn: &mut PgConnection, id: Uuid, credentials_versio
     .map(drop)
 }
 
-/// Every installation of an account, or only the one of `app_id`, whatever its status.
-pub async fn for_account(pool: &PgPool, account_id: &str, app_id: Option<&str>) -> sqlx::Result<Vec<Installation>> {
-    sqlx::query_as(&format!(
-        "select {COLUMNS} from installation
-         where account_id = $1 and ($2::text is null or app_id = $2)
-         order by app_id"
-    ))
-    .bind(account_id)
-    .bind(app_id)
-    .fetch_all(pool)
-    .await
+/// Every installation of an account, whatever its status.
+pub async fn for_account(pool: &PgPool, account_id: &str) -> sqlx::Result<Vec<Installation>> {
+    sqlx::query_as(&format!("select {COLUMNS} from installation where account_id = $1 order by app_id"))
+        .bind(account_id)
+        .fetch_all(pool)
+        .await
 }
 
 pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Installation>> {
