@@ -13,7 +13,8 @@
 # Every figure is printed next to a baseline measured in the same run. All processes started here are
 # stopped on exit. Tunables (environment): BENCH_SECONDS (10), BENCH_P2_SECONDS (40), BENCH_COUNT (100000),
 # BENCH_PARTS ("1 2 3 4 5"), BENCH_KEEP_DATABASES (unset: the bench databases are dropped at the end),
-# BENCH_SKIP_BUILD (set: measure the binaries already in target/release, e.g. to compare two builds).
+# BENCH_SKIP_BUILD (set: measure the binaries already in target/release, e.g. to compare two builds),
+# BENCH_PERF (a directory: part 1 records `perf record` of tokenvault during its two saturating runs there).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -342,9 +343,19 @@ ensure_wrk() {
 
 # run_wrk NAME WRK_ARGS...: runs wrk in the foreground, shows its report indented, keeps the BENCH line.
 run_wrk() {
-  local name=$1
+  local name=$1 perf_pid=""
   shift
+  if [ -n "${BENCH_PERF:-}" ] && [ -n "${perf_target:-}" ]; then
+    mkdir -p "$BENCH_PERF"
+    perf record -q -F 2000 -p "$perf_target" -o "$BENCH_PERF/$name.data" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   wrk --timeout 10s "$@" >"$work/$name.wrk" 2>&1 || { cat "$work/$name.wrk" >&2; die "wrk failed ($name)"; }
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    note "perf profile: $BENCH_PERF/$name.data (perf report -i it)"
+  fi
   sed -e '/^BENCH /d' -e 's/^/    | /' "$work/$name.wrk"
 }
 
@@ -416,6 +427,7 @@ part1() {
 
   say "GET /healthz (internal listener) - the baseline"
   cpu_begin "$tv_pid"
+  perf_target=$tv_pid
   run_wrk p1-healthz -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
   cpu_end "$(wrk_field p1-healthz requests)"
   local healthz_cpu=$cpu_tv_us healthz_other=$cpu_other_pct
@@ -425,6 +437,7 @@ part1() {
   BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
     run_wrk p1-tokens -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
   cpu_end "$(wrk_field p1-tokens requests)"
+  perf_target=""
   local tokens_cpu=$cpu_tv_us
 
   say "The same two at a paced load: each of the 64 connections waits 10 ms between requests"

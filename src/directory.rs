@@ -17,6 +17,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
+use crate::broker::FastHash;
 use crate::store::api_client::{self, ApiClient};
 use crate::store::installation::{self, Installation};
 
@@ -28,8 +29,8 @@ const TIME_TO_LIVE: Duration = Duration::from_secs(300);
 
 pub struct Directory {
     pool: PgPool,
-    clients: Cache<[u8; 32], Arc<ApiClient>>,
-    installations: Cache<String, Arc<Vec<Installation>>>,
+    clients: Cache<[u8; 32], Arc<ApiClient>, FastHash>,
+    installations: Cache<String, Arc<Vec<Installation>>, FastHash>,
     /// Bumped by every invalidation. A read that an invalidation overtook (the row changed between our
     /// query and our insert) is not cached: it may be the old row, and its NOTIFY has already been spent.
     generation: AtomicU64,
@@ -61,8 +62,14 @@ impl Directory {
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            clients: Cache::builder().max_capacity(CAPACITY).time_to_live(TIME_TO_LIVE).build(),
-            installations: Cache::builder().max_capacity(CAPACITY).time_to_live(TIME_TO_LIVE).build(),
+            clients: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(TIME_TO_LIVE)
+                .build_with_hasher(FastHash::default()),
+            installations: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(TIME_TO_LIVE)
+                .build_with_hasher(FastHash::default()),
             generation: AtomicU64::new(0),
         }
     }

@@ -47,7 +47,7 @@ impl Entry {
     }
 
     pub fn refresh_due(&self, now: DateTime<Utc>) -> bool {
-        (self.token.expires_at - now).to_std().is_ok_and(|left| left < self.refresh_threshold())
+        self.token.left(now).is_some_and(|left| left < self.refresh_threshold())
     }
 
     /// True for the one caller that gets to start the refresh.
@@ -81,13 +81,8 @@ mod tests {
 
     fn entry(lifetime_secs: i64, demand_secs: u64) -> Entry {
         let issued_at = Utc::now();
-        let token = Token {
-            access_token: SecretString::from("t"),
-            token_type: "Bearer".into(),
-            scope: "a".into(),
-            issued_at,
-            expires_at: issued_at + chrono::Duration::seconds(lifetime_secs),
-        };
+        let expires_at = issued_at + chrono::Duration::seconds(lifetime_secs);
+        let token = Token::new(SecretString::from("t"), "Bearer".into(), "a".into(), issued_at, expires_at);
         Entry::new(Arc::new(token), Duration::from_secs(demand_secs))
     }
 

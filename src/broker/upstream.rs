@@ -117,7 +117,7 @@ impl TokenEndpoint {
         let mut attempt = 1;
         loop {
             let started = std::time::Instant::now();
-            let outcome = self.attempt(client_id, client_secret, &scope).await;
+            let outcome = self.attempt(client_id, client_secret, scope).await;
             metrics::histogram!("tokenvault_upstream_duration_seconds").record(started.elapsed().as_secs_f64());
             tracing::Span::current().record("upstream.attempts", attempt);
             let (error, retry_after) = match outcome {

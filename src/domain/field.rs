@@ -21,8 +21,24 @@ pub struct TextField(String);
 impl TextField {
     pub fn parse(value: impl Into<String>) -> Result<Self, FieldError> {
         let value = value.into();
+        Self::check(&value)?;
+        Ok(Self(value))
+    }
+
+    fn check(value: &str) -> Result<(), FieldError> {
         if value.is_empty() {
             return Err(FieldError::Empty);
+        }
+        // Identifiers are ASCII in practice, and a byte scan is much cheaper than decoding characters.
+        if value.is_ascii() {
+            if value.len() > MAX_FIELD_CHARS {
+                return Err(FieldError::TooLong);
+            }
+            return if value.bytes().any(|b| b.is_ascii_control()) {
+                Err(FieldError::ControlCharacter)
+            } else {
+                Ok(())
+            };
         }
         if value.chars().count() > MAX_FIELD_CHARS {
             return Err(FieldError::TooLong);
@@ -30,7 +46,7 @@ impl TextField {
         if value.chars().any(char::is_control) {
             return Err(FieldError::ControlCharacter);
         }
-        Ok(Self(value))
+        Ok(())
     }
 
     pub fn as_str(&self) -> &str {
@@ -66,5 +82,22 @@ mod tests {
         assert_eq!(TextField::parse("a\0b"), Err(FieldError::ControlCharacter));
         assert_eq!(TextField::parse("a\nb"), Err(FieldError::ControlCharacter));
         assert!(TextField::parse("é".repeat(256)).is_ok(), "the limit counts characters, not bytes");
+    }
+
+    proptest::proptest! {
+        /// The ASCII fast path decides exactly as the character-by-character rule does.
+        #[test]
+        fn the_ascii_fast_path_agrees_with_the_character_rule(value in "(?s).{0,300}|[\\x00-\\x7f]{0,300}") {
+            let by_chars = if value.is_empty() {
+                Err(FieldError::Empty)
+            } else if value.chars().count() > MAX_FIELD_CHARS {
+                Err(FieldError::TooLong)
+            } else if value.chars().any(char::is_control) {
+                Err(FieldError::ControlCharacter)
+            } else {
+                Ok(())
+            };
+            proptest::prop_assert_eq!(TextField::check(&value), by_chars);
+        }
     }
 }

@@ -1,5 +1,5 @@
-use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 /// Most scopes one token request may name. Trackunit's scopes number in the tens; a thousand is an attack.
 pub const MAX_SCOPES: usize = 64;
@@ -27,16 +27,7 @@ pub struct Scope(String);
 
 impl Scope {
     pub fn parse(value: &str) -> Result<Self, ScopeError> {
-        if value.is_empty() {
-            return Err(ScopeError::Empty);
-        }
-        if value.len() > MAX_SCOPE_CHARS {
-            return Err(ScopeError::TooLong);
-        }
-        let allowed = |b: u8| b != b',' && (b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b));
-        if !value.bytes().all(allowed) {
-            return Err(ScopeError::InvalidCharacter);
-        }
+        check(value)?;
         Ok(Self(value.to_owned()))
     }
 
@@ -51,40 +42,62 @@ impl fmt::Debug for Scope {
     }
 }
 
+fn check(value: &str) -> Result<(), ScopeError> {
+    if value.is_empty() {
+        return Err(ScopeError::Empty);
+    }
+    if value.len() > MAX_SCOPE_CHARS {
+        return Err(ScopeError::TooLong);
+    }
+    let allowed = |b: u8| b != b',' && (b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b));
+    if !value.bytes().all(allowed) {
+        return Err(ScopeError::InvalidCharacter);
+    }
+    Ok(())
+}
+
 /// A non-empty, sorted, de-duplicated set of scopes. Its [`key`](Self::key) is the same for every order
 /// and repetition of the same scopes, so `["b","a","a"]` and `["a","b"]` share one cached token.
+///
+/// The set is kept as that key alone: no scope holds a space, so the key splits back into the scopes, and
+/// every token request looks its token up by the key. One shared string, joined once, instead of a tree
+/// of strings per request.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ScopeSet(BTreeSet<Scope>);
+pub struct ScopeSet {
+    key: Arc<str>,
+}
 
 impl ScopeSet {
     pub fn parse<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Self, ScopeError> {
-        let mut set = BTreeSet::new();
+        let mut scopes: Vec<&str> = Vec::new();
         for (count, value) in values.into_iter().enumerate() {
             if count >= MAX_SCOPES {
                 return Err(ScopeError::TooMany);
             }
-            set.insert(Scope::parse(value)?);
+            check(value)?;
+            scopes.push(value);
         }
-        if set.is_empty() {
+        if scopes.is_empty() {
             return Err(ScopeError::NoScopes);
         }
-        Ok(Self(set))
+        scopes.sort_unstable();
+        scopes.dedup();
+        Ok(Self { key: scopes.join(" ").into() })
     }
 
     /// The scopes space-joined in sorted order: the `scope` form parameter and the cache key.
-    pub fn key(&self) -> String {
-        let parts: Vec<&str> = self.0.iter().map(Scope::as_str).collect();
-        parts.join(" ")
+    pub fn key(&self) -> &Arc<str> {
+        &self.key
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Scope> {
-        self.0.iter()
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.key.split(' ')
     }
 }
 
 impl fmt::Debug for ScopeSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.0.iter()).finish()
+        f.debug_set().entries(self.iter()).finish()
     }
 }
 
@@ -96,7 +109,9 @@ mod tests {
     #[test]
     fn key_is_sorted_and_deduplicated() {
         let set = ScopeSet::parse(["b", "a", "b"]).unwrap();
-        assert_eq!(set.key(), "a b");
+        assert_eq!(&**set.key(), "a b");
+        assert_eq!(set.iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(format!("{set:?}"), r#"{"a", "b"}"#);
     }
 
     #[test]
@@ -116,10 +131,19 @@ mod tests {
     proptest! {
         #[test]
         fn key_never_depends_on_order(mut scopes in proptest::collection::vec("[a-z.]{1,8}", 1..10)) {
-            let forward = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap().key();
+            let forward = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap().key().clone();
             scopes.reverse();
-            let backward = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap().key();
+            let backward = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap().key().clone();
             prop_assert_eq!(forward, backward);
+        }
+
+        #[test]
+        fn iter_gives_back_the_distinct_scopes_sorted(scopes in proptest::collection::vec("[!#-+--\\[\\]-~]{1,8}", 1..10)) {
+            let set = ScopeSet::parse(scopes.iter().map(String::as_str)).unwrap();
+            let mut expected: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            expected.sort_unstable();
+            expected.dedup();
+            prop_assert_eq!(set.iter().collect::<Vec<_>>(), expected);
         }
     }
 }

@@ -21,9 +21,26 @@ pub fn require_json(request: &HttpRequest) -> Result<(), ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::UnsupportedMediaType)?;
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    let is_json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
-    if is_json { Ok(()) } else { Err(ApiError::UnsupportedMediaType) }
+    if content_type == "application/json" || is_json(content_type) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Whether a Content-Type names JSON: `application/json` or `application/*+json`, any case, any
+/// parameters. Compared in place, without lowercasing a copy: this runs on every token request.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let starts = |prefix: &str| essence.get(..prefix.len()).is_some_and(|head| head.eq_ignore_ascii_case(prefix));
+    let ends = |suffix: &str| {
+        essence
+            .len()
+            .checked_sub(suffix.len())
+            .and_then(|at| essence.get(at..))
+            .is_some_and(|t| t.eq_ignore_ascii_case(suffix))
+    };
+    essence.eq_ignore_ascii_case("application/json") || (starts("application/") && ends("+json"))
 }
 
 /// Reads at most `limit` bytes, with or without a Content-Length (chunked). The buffer is zeroized on
@@ -39,7 +56,9 @@ pub async fn read(
         return Err(ApiError::PayloadTooLarge(limit));
     }
     let read_all = async {
-        let mut body = Zeroizing::new(Vec::new());
+        // Sized once from the declared length (already checked against `limit`), so the usual body is
+        // copied in without reallocating.
+        let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(0) as usize));
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
             if body.len() + chunk.len() > limit {
@@ -49,7 +68,45 @@ pub async fn read(
         }
         Ok(body)
     };
+    // A small body usually came in with the headers: one poll reads it without arming a timer.
+    let mut read_all = std::pin::pin!(read_all);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read_all.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(read) = first {
+        return read;
+    }
     tokio::time::timeout(BODY_TIMEOUT, read_all)
         .await
         .unwrap_or_else(|_| Err(ApiError::InvalidRequest("the request body arrived too slowly".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json;
+
+    #[test]
+    fn json_media_types_in_any_case_with_parameters() {
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ",
+            "application/problem+json",
+            "APPLICATION/VND.X+JSON;v=1",
+        ] {
+            assert!(is_json(yes), "{yes:?}");
+        }
+        for no in [
+            "",
+            "text/plain",
+            "application/xml",
+            "text/json",
+            "application/jsonx",
+            "application/json-seq",
+            "json",
+            "application/",
+            "é+json",
+        ] {
+            assert!(!is_json(no), "{no:?}");
+        }
+    }
 }
