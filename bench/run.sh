@@ -4,7 +4,9 @@
 #
 # Four parts, each on a fresh database on the DATABASE_URL server, with tokenvault and a fake Trackunit
 # (examples/fake_trackunit.rs) on loopback ports, load from wrk (installed with apt-get when missing):
-#   1. cached POST /v1/tokens vs GET /healthz on the same listener, 64 connections
+#   1. cached POST /v1/tokens vs GET /healthz on the same listener, 64 connections; tokenvault and wrk
+#      pinned to separate cores, then both unpinned for comparison, then instructions per request
+#      counted by callgrind
 #   2. three replicas on one database, 300 connections, 50 (account, scope set) keys, 10 s tokens:
 #      upstream mints per key per token lifetime, and the latency while tokens roll over
 #   3. signed INSTALLED callbacks vs a bare upsert of the same row shape measured with pgbench
@@ -98,6 +100,8 @@ trap 'exit 143' TERM
 # A free loopback port, in the variable named $1: below the kernel's ephemeral range (so no outgoing
 # connection of the benchmark itself holds it), with no socket on it (ss) and nothing answering a connect.
 used_ports=" "
+# A command prefix for wrk (part 1 pins it to a core).
+wrk_pin=()
 ephemeral_low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
   local p low=10000 span
@@ -350,7 +354,7 @@ run_wrk() {
     perf record -q -F 2000 -p "$perf_target" -o "$BENCH_PERF/$name.data" >/dev/null 2>&1 &
     perf_pid=$!
   fi
-  wrk --timeout 10s "$@" >"$work/$name.wrk" 2>&1 || { cat "$work/$name.wrk" >&2; die "wrk failed ($name)"; }
+  ${wrk_pin[@]+"${wrk_pin[@]}"} wrk --timeout 10s "$@" >"$work/$name.wrk" 2>&1 || { cat "$work/$name.wrk" >&2; die "wrk failed ($name)"; }
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
@@ -411,10 +415,23 @@ verdict() { if awk "BEGIN { exit !($1) }"; then echo met; else echo MISSED; fi; 
 # --- part 1 ------------------------------------------------------------------------------------------------
 
 part1() {
-  header "Part 1: cached POST /v1/tokens vs GET /healthz, one replica, wrk -t2 -c64 -d${SECONDS_PER_RUN}s"
+  # tokenvault on one core and wrk, with one thread, on another: each measures what it should. Sharing the
+  # cores, wrk's threads and tokenvault's take turns in scheduler slices of milliseconds, and those turns,
+  # not the service, set the p99 (the shared run below shows it).
+  local server_cpu=$((ncpu - 1)) pinned=1
+  ((ncpu >= 2)) && command -v taskset >/dev/null || pinned=0
+  local pin_tv=() threads=2
+  if ((pinned)); then
+    pin_tv=(taskset -c "$server_cpu")
+    wrk_pin=(taskset -c 0)
+    threads=1
+    header "Part 1: cached POST /v1/tokens vs GET /healthz, one replica on CPU $server_cpu, wrk -t1 -c64 -d${SECONDS_PER_RUN}s on CPU 0"
+  else
+    header "Part 1: cached POST /v1/tokens vs GET /healthz, one replica, wrk -t2 -c64 -d${SECONDS_PER_RUN}s (one core: not pinned)"
+  fi
   new_db p1
   start_fake p1-fake --expires-in 3600
-  start_tokenvault p1-tv "$db"
+  start_tokenvault p1-tv "$db" ${pin_tv[@]+"${pin_tv[@]}"}
   local key account body
   key=$(create_client)
   account=$(bench_account 1 0)
@@ -423,29 +440,27 @@ part1() {
   token "$tv_int" "$key" "$body"
   note "cache warmed (one mint); warming the connections for 3 s"
   BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
-    run_wrk p1-warm -t2 -c64 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
+    run_wrk p1-warm -t"$threads" -c64 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
 
   say "GET /healthz (internal listener) - the baseline"
   cpu_begin "$tv_pid"
   perf_target=$tv_pid
-  run_wrk p1-healthz -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
+  run_wrk p1-healthz -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
   cpu_end "$(wrk_field p1-healthz requests)"
-  local healthz_cpu=$cpu_tv_us healthz_other=$cpu_other_pct
+  local healthz_cpu=$cpu_tv_us
 
   say "POST /v1/tokens, cached (same account and scope every time)"
   cpu_begin "$tv_pid"
   BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
-    run_wrk p1-tokens -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
+    run_wrk p1-tokens -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
   cpu_end "$(wrk_field p1-tokens requests)"
   perf_target=""
   local tokens_cpu=$cpu_tv_us
 
   say "The same two at a paced load: each of the 64 connections waits 10 ms between requests"
-  BENCH_DELAY_MS=10 run_wrk p1-healthz-paced -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
-  cpu_begin "$tv_pid"
+  BENCH_DELAY_MS=10 run_wrk p1-healthz-paced -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
   BENCH_DELAY_MS=10 BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
-    run_wrk p1-tokens-paced -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
-  cpu_end "$(wrk_field p1-tokens-paced requests)"
+    run_wrk p1-tokens-paced -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
 
   local h_rps t_rps h_p50 h_p99 t_p50 t_p99 errors mints ratio
   h_rps=$(wrk_field p1-healthz rps); t_rps=$(wrk_field p1-tokens rps)
@@ -467,42 +482,73 @@ part1() {
   hp_p50=$(wrk_field p1-healthz-paced p50_us); tp_p50=$(wrk_field p1-tokens-paced p50_us)
   hp_p99=$(wrk_field p1-healthz-paced p99_us); tp_p99=$(wrk_field p1-tokens-paced p99_us)
   printf '    %-28s %12.0f %10s %10s %14s\n' "GET /healthz, paced" "$hp_rps" "$(ms "$hp_p50")" "$(ms "$hp_p99")" "-"
-  printf '    %-28s %12.0f %10s %10s %14s\n' "POST /v1/tokens, paced" "$tp_rps" "$(ms "$tp_p50")" "$(ms "$tp_p99")" "$cpu_tv_us"
+  printf '    %-28s %12.0f %10s %10s %14s\n' "POST /v1/tokens, paced" "$tp_rps" "$(ms "$tp_p50")" "$(ms "$tp_p99")" "-"
   note "ratio tokens/healthz: $ratio (goal >= 0.8); tokens p99 $(ms "$t_p99") ms (goal < 2 ms)"
   note "non-2xx or socket errors during the token run: $errors; upstream mints: $mints (1 expected: the warm-up)"
   ((errors == 0)) || note "WARNING: the token run had errors"
-
-  say "The same two saturating runs with RUST_LOG=warn (no per-request spans recorded): what logging costs"
-  stop_pid "$tv_pid"
-  forget_pid "$tv_pid"
-  start_tokenvault p1-tv-warn "$db" RUST_LOG=warn
-  token "$tv_int" "$key" "$body"
-  BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
-    run_wrk p1-warm2 -t2 -c64 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
-  cpu_begin "$tv_pid"
-  run_wrk p1-healthz-warn -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz" >/dev/null
-  cpu_end "$(wrk_field p1-healthz-warn requests)"
-  local healthz_warn_cpu=$cpu_tv_us
-  cpu_begin "$tv_pid"
-  BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
-    run_wrk p1-tokens-warn -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
-  cpu_end "$(wrk_field p1-tokens-warn requests)"
-  local tokens_warn_cpu=$cpu_tv_us hw_rps tw_rps hw_p99 tw_p99 warn_ratio
-  hw_rps=$(wrk_field p1-healthz-warn rps); tw_rps=$(wrk_field p1-tokens-warn rps)
-  hw_p99=$(wrk_field p1-healthz-warn p99_us); tw_p99=$(wrk_field p1-tokens-warn p99_us)
-  warn_ratio=$(calc "$tw_rps / $hw_rps")
-  printf '    %-28s %12.0f %10s %10s %14s\n' "GET /healthz, RUST_LOG=warn" "$hw_rps" "$(ms "$(wrk_field p1-healthz-warn p50_us)")" "$(ms "$hw_p99")" "$healthz_warn_cpu"
-  printf '    %-28s %12.0f %10s %10s %14s\n' "POST /v1/tokens, warn" "$tw_rps" "$(ms "$(wrk_field p1-tokens-warn p50_us)")" "$(ms "$tw_p99")" "$tokens_warn_cpu"
-  note "at RUST_LOG=warn: ratio tokens/healthz $warn_ratio, tokens p99 $(ms "$tw_p99") ms; tokenvault CPU per token request $tokens_warn_cpu µs instead of $tokens_cpu µs"
   row 1 "cached tokens req/s (64 conns)" "$(calc "$t_rps" "%.0f")" "$(calc "$h_rps" "%.0f") healthz" "$ratio" ">= 0.8" "$(verdict "$ratio >= 0.8")"
   row 1 "cached tokens p99 latency" "$(ms "$t_p99") ms" "$(ms "$h_p99") ms healthz" "$(calc "$t_p99 / $h_p99")" "< 2 ms" "$(verdict "$t_p99 < 2000")"
   row 1 "cached tokens p99, paced 64 conns" "$(ms "$tp_p99") ms @ $(calc "$tp_rps" "%.0f")/s" "$(ms "$hp_p99") ms healthz" "$(calc "$tp_p99 / $hp_p99")" "< 2 ms" "$(verdict "$tp_p99 < 2000")"
   row 1 "cached tokens p50 latency" "$(ms "$t_p50") ms" "$(ms "$h_p50") ms healthz" "$(calc "$t_p50 / $h_p50")" "-" "-"
   row 1 "tokenvault CPU per request" "$tokens_cpu us" "$healthz_cpu us healthz" "$(calc "$tokens_cpu / ($healthz_cpu > 0 ? $healthz_cpu : 1)")" "-" "-"
-  row 1 "same at RUST_LOG=warn: req/s" "$(calc "$tw_rps" "%.0f")" "$(calc "$hw_rps" "%.0f") healthz" "$warn_ratio" ">= 0.8" "$(verdict "$warn_ratio >= 0.8")"
-  row 1 "same at RUST_LOG=warn: p99" "$(ms "$tw_p99") ms" "$(ms "$hw_p99") ms healthz" "$(calc "$tw_p99 / $hw_p99")" "< 2 ms" "$(verdict "$tw_p99 < 2000")"
-  row 1 "same at RUST_LOG=warn: CPU/request" "$tokens_warn_cpu us" "$healthz_warn_cpu us healthz" "$(calc "$tokens_warn_cpu / ($healthz_warn_cpu > 0 ? $healthz_warn_cpu : 1)")" "-" "-"
+  wrk_pin=()
+
+  if ((pinned)); then
+    say "For comparison: the same two saturating runs unpinned, wrk -t2 sharing both cores with tokenvault"
+    stop_pid "$tv_pid"
+    forget_pid "$tv_pid"
+    start_tokenvault p1-tv-shared "$db"
+    token "$tv_int" "$key" "$body"
+    BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
+      run_wrk p1-warm2 -t2 -c64 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
+    run_wrk p1-healthz-shared -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz" >/dev/null
+    BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
+      run_wrk p1-tokens-shared -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
+    local hs_rps ts_rps hs_p99 ts_p99 shared_ratio
+    hs_rps=$(wrk_field p1-healthz-shared rps); ts_rps=$(wrk_field p1-tokens-shared rps)
+    hs_p99=$(wrk_field p1-healthz-shared p99_us); ts_p99=$(wrk_field p1-tokens-shared p99_us)
+    shared_ratio=$(calc "$ts_rps / $hs_rps")
+    printf '    %-28s %12.0f %10s %10s\n' "GET /healthz, shared cores" "$hs_rps" "$(ms "$(wrk_field p1-healthz-shared p50_us)")" "$(ms "$hs_p99")"
+    printf '    %-28s %12.0f %10s %10s\n' "POST /v1/tokens, shared" "$ts_rps" "$(ms "$(wrk_field p1-tokens-shared p50_us)")" "$(ms "$ts_p99")"
+    note "shared cores: ratio tokens/healthz $shared_ratio, tokens p99 $(ms "$ts_p99") ms, healthz p99 $(ms "$hs_p99") ms"
+    row 1 "shared cores, wrk -t2: req/s" "$(calc "$ts_rps" "%.0f")" "$(calc "$hs_rps" "%.0f") healthz" "$shared_ratio" "-" "-"
+    row 1 "shared cores, wrk -t2: p99" "$(ms "$ts_p99") ms" "$(ms "$hs_p99") ms healthz" "$(calc "$ts_p99 / $hs_p99")" "-" "-"
+  fi
+  part1_instructions "$key" "$body"
   stop_all
+}
+
+# part1_instructions KEY BODY: instructions tokenvault executes per request, counted by callgrind over a
+# few thousand requests of each kind. Unlike timings, these counts do not move with the machine's load.
+part1_instructions() {
+  local key=$1 body=$2
+  command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || {
+    note "valgrind not installed: no instruction counts (apt-get install valgrind)"
+    return 0
+  }
+  say "Instructions per request, counted by callgrind (deterministic; kernel work not counted)"
+  stop_all
+  start_fake p1-fake-cg --expires-in 3600
+  local out="$work/callgrind.out"
+  # Under valgrind the service starts slowly: up to 30 s for readiness.
+  start_tokenvault p1-tv-cg "$db" valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no
+  token "$tv_int" "$key" "$body"
+  BENCH_KEY=$key BENCH_ACCOUNT=$(bench_account 1 0) BENCH_SCOPE=asset.view \
+    run_wrk p1-cg-warm -t1 -c4 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
+  run_wrk p1-cg-warm2 -t1 -c4 -d2s -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz" >/dev/null
+  callgrind_control -z "$tv_pid" >/dev/null
+  run_wrk p1-cg-healthz -t1 -c4 -d8s -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz" >/dev/null
+  callgrind_control -d healthz "$tv_pid" >/dev/null
+  callgrind_control -z "$tv_pid" >/dev/null
+  BENCH_KEY=$key BENCH_ACCOUNT=$(bench_account 1 0) BENCH_SCOPE=asset.view \
+    run_wrk p1-cg-tokens -t1 -c4 -d8s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
+  callgrind_control -d tokens "$tv_pid" >/dev/null
+  local h_instr t_instr h_req t_req per_h per_t
+  h_instr=$(sed -n 's/^totals: //p' "$out.1"); t_instr=$(sed -n 's/^totals: //p' "$out.2")
+  h_req=$(wrk_field p1-cg-healthz requests); t_req=$(wrk_field p1-cg-tokens requests)
+  per_h=$(calc "$h_instr / $h_req" "%.0f"); per_t=$(calc "$t_instr / $t_req" "%.0f")
+  note "GET /healthz: $per_h instructions per request ($h_req requests); POST /v1/tokens cached: $per_t ($t_req requests)"
+  row 1 "instructions/request (callgrind)" "$per_t" "$per_h healthz" "$(calc "$per_t / $per_h")" "-" "-"
 }
 
 # --- part 2 ------------------------------------------------------------------------------------------------

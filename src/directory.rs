@@ -25,7 +25,7 @@ use crate::store::installation::{self, Installation};
 pub const CHANNEL: &str = "tokenvault_change";
 const CAPACITY: u64 = 200_000;
 /// Upper bound on how long an entry can outlive its row if a notification is lost.
-const TIME_TO_LIVE: Duration = Duration::from_secs(300);
+pub const TIME_TO_LIVE: Duration = Duration::from_secs(300);
 
 pub struct Directory {
     pool: PgPool,
@@ -111,6 +111,12 @@ impl Directory {
             self.installations.insert(account_id.to_owned(), Arc::clone(&found));
         }
         Ok(found)
+    }
+
+    /// A counter that every invalidation moves on. Whatever was read from the directory while it held
+    /// one value is still current while it holds it (until [`TIME_TO_LIVE`], should a NOTIFY be lost).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn apply(&self, change: &Change) {

@@ -15,6 +15,9 @@ pub(super) struct Entry {
     /// Largest `min_ttl` (seconds) asked of this token.
     demand_secs: AtomicU64,
     refreshing: AtomicBool,
+    /// Set once a newer token replaced this one, so a holder of this entry outside the cache (a remembered
+    /// request, see `routes::repeat`) stops serving it.
+    superseded: AtomicBool,
     /// Per-token random share of the margin, so tokens minted together are not refreshed together.
     jitter: Duration,
 }
@@ -27,8 +30,17 @@ impl Entry {
             token,
             demand_secs: AtomicU64::new(demand.as_secs()),
             refreshing: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
             jitter: Duration::from_millis(jitter_ms),
         }
+    }
+
+    pub fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
+    }
+
+    pub fn is_superseded(&self) -> bool {
+        self.superseded.load(Ordering::Acquire)
     }
 
     pub fn note_demand(&self, min_ttl: Duration) {

@@ -159,28 +159,65 @@ impl Broker {
         app_id: Option<&str>,
         scopes: &ScopeSet,
         min_ttl: Duration,
-    ) -> Option<(Uuid, Arc<Token>)> {
+    ) -> Option<Lease> {
         let installations = self.directory.cached_installations(account_id)?;
         // Borrowed, not cloned: an installation holds half a dozen heap fields and this runs per request.
-        let installation = pick(&installations, app_id).ok().filter(|i| i.status() == Status::Active)?;
+        let index = pick_index(&installations, app_id).ok().filter(|&i| installations[i].status() == Status::Active)?;
+        let installation = &installations[index];
         let key = CacheKey {
             installation_id: installation.id,
             credentials_version: installation.credentials_version,
             scope_key: Arc::clone(scopes.key()),
         };
-        self.fresh_from_memory(&key, installation, scopes, min_ttl).map(|token| (installation.id, token))
+        let entry = self.memory.get(&key)?;
+        let token = self.serve_entry(&key, &entry, installation, scopes, min_ttl)?;
+        Some(Lease { token, key, entry, installations, index, scopes: scopes.clone(), min_ttl })
+    }
+
+    /// The lease's token again, if it is still the current one and fresh for the lease's `min_ttl`; with
+    /// the same bookkeeping as a cache hit (demand, refresh ahead). The caller vouches that the client and
+    /// the installation behind the lease are unchanged (see `routes::repeat`).
+    pub fn serve_again(self: &Arc<Self>, lease: &Lease) -> Option<Arc<Token>> {
+        if lease.entry.is_superseded() {
+            return None;
+        }
+        self.serve_entry(&lease.key, &lease.entry, lease.installation(), &lease.scopes, lease.min_ttl)
+    }
+}
+
+/// A token served from memory, with what it takes to serve it again without looking anything up: the
+/// cache entry itself and the installation it was found for. All shared, so a lease costs no copying.
+pub struct Lease {
+    pub token: Arc<Token>,
+    key: CacheKey,
+    entry: Arc<Entry>,
+    installations: Arc<Vec<Installation>>,
+    index: usize,
+    scopes: ScopeSet,
+    min_ttl: Duration,
+}
+
+impl Lease {
+    pub fn installation(&self) -> &Installation {
+        &self.installations[self.index]
     }
 }
 
 /// The installation a request is for among an account's: the one of `app_id`, or the only usable one.
 fn pick<'a>(installations: &'a [Installation], app_id: Option<&str>) -> Result<&'a Installation, BrokerError> {
+    pick_index(installations, app_id).map(|index| &installations[index])
+}
+
+/// [`pick`], as a position in `installations`.
+fn pick_index(installations: &[Installation], app_id: Option<&str>) -> Result<usize, BrokerError> {
     let mut usable = installations
         .iter()
-        .filter(|i| matches!(i.status(), Status::Active | Status::Rejected))
-        .filter(|i| app_id.is_none_or(|app| i.app_id == app));
+        .enumerate()
+        .filter(|(_, i)| matches!(i.status(), Status::Active | Status::Rejected))
+        .filter(|(_, i)| app_id.is_none_or(|app| i.app_id == app));
     match (usable.next(), usable.next()) {
         (None, _) => Err(BrokerError::NotInstalled),
-        (Some(only), None) => Ok(only),
+        (Some((only, _)), None) => Ok(only),
         (Some(_), Some(_)) => Err(BrokerError::AmbiguousApp),
     }
 }
@@ -248,6 +285,18 @@ impl Broker {
         min_ttl: Duration,
     ) -> Option<Arc<Token>> {
         let entry = self.memory.get(key)?;
+        self.serve_entry(key, &entry, installation, scopes, min_ttl)
+    }
+
+    /// `entry`'s token if it satisfies `min_ttl`; notes the demand and starts a refresh when due.
+    fn serve_entry(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        entry: &Arc<Entry>,
+        installation: &Installation,
+        scopes: &ScopeSet,
+        min_ttl: Duration,
+    ) -> Option<Arc<Token>> {
         let now = Utc::now();
         if !entry.token.fresh_for(min_ttl, now) {
             return None;
@@ -255,14 +304,18 @@ impl Broker {
         MEMORY_HITS.increment(1);
         entry.note_demand(min_ttl);
         if entry.refresh_due(now) && entry.claim_refresh() {
-            self.spawn_refresh(key.clone(), installation.clone(), scopes.clone(), Arc::clone(&entry));
+            self.spawn_refresh(key.clone(), installation.clone(), scopes.clone(), Arc::clone(entry));
         }
         Some(Arc::clone(&entry.token))
     }
 
     /// Caches `token`, carrying over the demand known for the token it replaces.
     fn remember(&self, key: CacheKey, token: Arc<Token>, min_ttl: Duration) {
-        let demand = self.memory.get(&key).map_or(min_ttl, |old| old.demand().max(min_ttl));
+        let old = self.memory.get(&key);
+        let demand = old.as_ref().map_or(min_ttl, |old| old.demand().max(min_ttl));
+        if let Some(old) = old {
+            old.supersede();
+        }
         self.holders.insert(key.installation_id, ());
         self.memory.insert(key, Arc::new(Entry::new(token, demand)));
     }
@@ -284,6 +337,8 @@ impl Broker {
                 Ok((token, true)) => {
                     broker.backoff.succeeded(&key);
                     broker.remember(key, Arc::new(token), Duration::ZERO);
+                    // Also when the cache had already evicted it, so `remember` could not mark it.
+                    entry.supersede();
                 }
                 Ok((_, false)) => {}
                 Err(error) => {

@@ -6,6 +6,7 @@ mod body;
 mod callbacks;
 mod health;
 mod installations;
+mod repeat;
 mod tokens;
 
 use std::collections::HashSet;

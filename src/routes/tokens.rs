@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use super::{AppState, auth, body};
+use super::{AppState, auth, body, repeat};
 use crate::broker::{BrokerError, UpstreamError};
 use crate::domain::{ScopeSet, TextField};
 use crate::error::ApiError;
@@ -79,23 +79,30 @@ async fn receive(
         .body(token.answer_json(chrono::Utc::now())))
 }
 
-/// The hot path, on the worker and all in memory: a cached client, a valid body, the grants, a cached
-/// installation and a token fresh enough. Any doubt gives `None`, and the full path (offloaded) decides,
-/// errors included, so both paths answer alike.
+/// The hot path, on the worker and all in memory: a request seen before (see [`repeat`]), or else a
+/// cached client, a valid body, the grants, a cached installation and a token fresh enough. Any doubt
+/// gives `None`, and the full path (offloaded) decides, errors included, so all paths answer alike.
 fn cached_token(
     digest: &[u8; 32],
     body: &Result<zeroize::Zeroizing<Vec<u8>>, ApiError>,
     state: &AppState,
 ) -> Option<std::sync::Arc<crate::broker::Token>> {
+    let body = body.as_ref().ok()?;
+    // Read before any lookup: if anything changes while we look, what we find is not remembered.
+    let generation = state.directory.generation();
+    if let Some(token) = repeat::replay(state, generation, digest, body) {
+        return Some(token);
+    }
     let client = state.directory.cached_client(digest)?;
-    let wanted = parse(body.as_ref().ok()?).ok()?;
+    let wanted = parse(body).ok()?;
     authorize(&client, &wanted).ok()?;
     let app_id = wanted.app_id.as_ref().map(TextField::as_str);
-    let (installation_id, token) =
-        state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl)?;
+    let lease = state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl)?;
     let span = tracing::Span::current();
     span.record("client.name", client.name.as_str()).record("account.id", wanted.account_id.as_str());
-    span.record("installation.id", tracing::field::display(installation_id));
+    span.record("installation.id", tracing::field::display(lease.installation().id));
+    let token = std::sync::Arc::clone(&lease.token);
+    repeat::learn(state, generation, digest, body, client, lease);
     Some(token)
 }
 

@@ -6,6 +6,7 @@ mod callbacks;
 mod helpers;
 mod identity;
 mod redteam;
+mod repeat;
 mod resilience;
 mod rotation;
 mod storage;
