@@ -14,7 +14,7 @@
 #   5. first-time mints per second against a slow (100 ms) upstream, with the default and a larger pool
 # Every figure is printed next to a baseline measured in the same run. All processes started here are
 # stopped on exit. Tunables (environment): BENCH_SECONDS (10), BENCH_P2_SECONDS (40), BENCH_COUNT (100000),
-# BENCH_PARTS ("1 2 3 4 5"), BENCH_KEEP_DATABASES (unset: the bench databases are dropped at the end),
+# BENCH_PARTS ("1 2 3 4 5"), BENCH_P1_ROUNDS (3: saturating rounds of part 1, medians reported), BENCH_KEEP_DATABASES (unset: the bench databases are dropped at the end),
 # BENCH_SKIP_BUILD (set: measure the binaries already in target/release, e.g. to compare two builds),
 # BENCH_PERF (a directory: part 1 records `perf record` of tokenvault during its two saturating runs there).
 set -euo pipefail
@@ -29,6 +29,7 @@ if [ -z "${TOKENVAULT_ENCRYPTION_KEYS:-}" ] && [ -z "${TOKENVAULT_ENCRYPTION_KEY
 fi
 
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+P1_ROUNDS=${BENCH_P1_ROUNDS:-3}
 P2_SECONDS=${BENCH_P2_SECONDS:-40}
 COUNT=${BENCH_COUNT:-100000}
 PARTS=${BENCH_PARTS:-1 2 3 4 5}
@@ -366,6 +367,13 @@ run_wrk() {
 # wrk_field NAME KEY: a value from the BENCH line of run NAME.
 wrk_field() { sed -n "s/^BENCH .*\b$2=\([^ ]*\).*/\1/p" "$work/$1.wrk"; }
 
+# median_field KEY NAME...: the median of a value over several runs.
+median_field() {
+  local key=$1 name
+  shift
+  for name in "$@"; do wrk_field "$name" "$key"; done | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 ms() { calc "$1 / 1000" "%.2f"; }
 
 stats_field() { curl -sf "http://127.0.0.1:$fake_port/stats" | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
@@ -432,7 +440,7 @@ part1() {
   new_db p1
   start_fake p1-fake --expires-in 3600
   start_tokenvault p1-tv "$db" ${pin_tv[@]+"${pin_tv[@]}"}
-  local key account body
+  local key account body healthz_cpu=0 tokens_cpu=0
   key=$(create_client)
   account=$(bench_account 1 0)
   install "$tv_pub" "$account"
@@ -442,38 +450,46 @@ part1() {
   BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
     run_wrk p1-warm -t"$threads" -c64 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
 
-  say "GET /healthz (internal listener) - the baseline"
-  cpu_begin "$tv_pid"
-  perf_target=$tv_pid
-  run_wrk p1-healthz -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
-  cpu_end "$(wrk_field p1-healthz requests)"
-  local healthz_cpu=$cpu_tv_us
-
-  say "POST /v1/tokens, cached (same account and scope every time)"
-  cpu_begin "$tv_pid"
-  BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
-    run_wrk p1-tokens -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
-  cpu_end "$(wrk_field p1-tokens requests)"
-  perf_target=""
-  local tokens_cpu=$cpu_tv_us
+  # Saturating runs in turns (healthz, tokens, healthz, ...): the figures are the medians over the rounds,
+  # so one disturbed run moves no figure. CPU per request and perf profiles come from the first round.
+  local round names_h=() names_t=()
+  for round in $(seq 1 "$P1_ROUNDS"); do
+    say "Round $round of $P1_ROUNDS: GET /healthz (internal listener) - the baseline"
+    ((round == 1)) && { cpu_begin "$tv_pid"; perf_target=$tv_pid; }
+    run_wrk "p1-healthz-$round" -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
+    ((round == 1)) && { cpu_end "$(wrk_field p1-healthz-1 requests)"; healthz_cpu=$cpu_tv_us; }
+    say "Round $round of $P1_ROUNDS: POST /v1/tokens, cached (same account and scope every time)"
+    ((round == 1)) && cpu_begin "$tv_pid"
+    BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
+      run_wrk "p1-tokens-$round" -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
+    ((round == 1)) && { cpu_end "$(wrk_field p1-tokens-1 requests)"; tokens_cpu=$cpu_tv_us; perf_target=""; }
+    names_h+=("p1-healthz-$round")
+    names_t+=("p1-tokens-$round")
+  done
 
   say "The same two at a paced load: each of the 64 connections waits 10 ms between requests"
   BENCH_DELAY_MS=10 run_wrk p1-healthz-paced -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz"
   BENCH_DELAY_MS=10 BENCH_KEY=$key BENCH_ACCOUNT=$account BENCH_SCOPE=asset.view \
     run_wrk p1-tokens-paced -t"$threads" -c64 -d"${SECONDS_PER_RUN}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens"
 
-  local h_rps t_rps h_p50 h_p99 t_p50 t_p99 errors mints ratio
-  h_rps=$(wrk_field p1-healthz rps); t_rps=$(wrk_field p1-tokens rps)
-  h_p50=$(wrk_field p1-healthz p50_us); h_p99=$(wrk_field p1-healthz p99_us)
-  t_p50=$(wrk_field p1-tokens p50_us); t_p99=$(wrk_field p1-tokens p99_us)
-  errors=$(($(wrk_field p1-tokens status_errors) + $(wrk_field p1-tokens socket_errors)))
+  local h_rps t_rps h_p50 h_p99 t_p50 t_p99 errors=0 mints ratio name
+  h_rps=$(median_field rps "${names_h[@]}"); t_rps=$(median_field rps "${names_t[@]}")
+  h_p50=$(median_field p50_us "${names_h[@]}"); h_p99=$(median_field p99_us "${names_h[@]}")
+  t_p50=$(median_field p50_us "${names_t[@]}"); t_p99=$(median_field p99_us "${names_t[@]}")
+  for name in "${names_t[@]}"; do
+    errors=$((errors + $(wrk_field "$name" status_errors) + $(wrk_field "$name" socket_errors)))
+  done
+  note "each round, tokens/healthz req/s and p99: $(for round in $(seq 1 "$P1_ROUNDS"); do
+    printf '%s/%s %s/%s ms; ' "$(calc "$(wrk_field "p1-tokens-$round" rps)" "%.0f")" "$(calc "$(wrk_field "p1-healthz-$round" rps)" "%.0f")" \
+      "$(ms "$(wrk_field "p1-tokens-$round" p99_us)")" "$(ms "$(wrk_field "p1-healthz-$round" p99_us)")"
+  done)"
   mints=$(stats_field mints_total)
   ratio=$(calc "$t_rps / $h_rps")
   p1_tokens_p99_us=$t_p99
   p1_tokens_rps=$t_rps
   p1_tokens_cpu_us=$tokens_cpu
 
-  say "Result"
+  say "Result (saturating: medians of $P1_ROUNDS rounds)"
   printf '    %-28s %12s %10s %10s %14s\n' "" "requests/s" "p50 ms" "p99 ms" "CPU us/req"
   printf '    %-28s %12.0f %10s %10s %14s\n' "GET /healthz (baseline)" "$h_rps" "$(ms "$h_p50")" "$(ms "$h_p99")" "$healthz_cpu"
   printf '    %-28s %12.0f %10s %10s %14s\n' "POST /v1/tokens (cached)" "$t_rps" "$(ms "$t_p50")" "$(ms "$t_p99")" "$tokens_cpu"
@@ -536,13 +552,13 @@ part1_instructions() {
   BENCH_KEY=$key BENCH_ACCOUNT=$(bench_account 1 0) BENCH_SCOPE=asset.view \
     run_wrk p1-cg-warm -t1 -c4 -d3s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
   run_wrk p1-cg-warm2 -t1 -c4 -d2s -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz" >/dev/null
-  callgrind_control -z "$tv_pid" >/dev/null
+  callgrind_control -z "$tv_pid" >/dev/null 2>&1
   run_wrk p1-cg-healthz -t1 -c4 -d8s -s "$BENCH_WRK_DIR/get.lua" "http://127.0.0.1:$tv_int/healthz" >/dev/null
-  callgrind_control -d healthz "$tv_pid" >/dev/null
-  callgrind_control -z "$tv_pid" >/dev/null
+  callgrind_control -d healthz "$tv_pid" >/dev/null 2>&1
+  callgrind_control -z "$tv_pid" >/dev/null 2>&1
   BENCH_KEY=$key BENCH_ACCOUNT=$(bench_account 1 0) BENCH_SCOPE=asset.view \
     run_wrk p1-cg-tokens -t1 -c4 -d8s -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
-  callgrind_control -d tokens "$tv_pid" >/dev/null
+  callgrind_control -d tokens "$tv_pid" >/dev/null 2>&1
   local h_instr t_instr h_req t_req per_h per_t
   h_instr=$(sed -n 's/^totals: //p' "$out.1"); t_instr=$(sed -n 's/^totals: //p' "$out.2")
   h_req=$(wrk_field p1-cg-healthz requests); t_req=$(wrk_field p1-cg-tokens requests)
