@@ -377,6 +377,7 @@ median_field() {
 ms() { calc "$1 / 1000" "%.2f"; }
 
 stats_field() { curl -sf "http://127.0.0.1:$fake_port/stats" | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+stats_field_signed() { curl -sf "http://127.0.0.1:$fake_port/stats" | sed -n "s/.*\"$1\":\(-\{0,1\}[0-9]*\).*/\1/p"; }
 
 # metric PORT NAME LABELS: a counter from tokenvault's /metrics (0 when absent).
 metric() {
@@ -629,13 +630,18 @@ part2_variant() {
   note "requests: $requests ($(calc "$rps" "%.0f")/s over 3 replicas), non-2xx or socket errors: $errors"
   note "upstream mints in ${duration} s: $mints over $distinct keys (per key: min $kmin, max $kmax)"
   ((lifetime < 3600)) && note "mints per key per token lifetime: $per_lifetime (ideal 1.0; = mints/keys / (duration/lifetime))"
-  # Refresh ahead replaces a token once min(min_ttl, lifetime/2) + lifetime/10 + jitter(0..lifetime/10) is
-  # left: what one process would mint per lifetime, by design, lies between these two bounds.
-  local m_eff lo hi
+  # Refresh ahead replaces a token once min(min_ttl, lifetime/2) + margin + jitter(0..margin) is left, the
+  # margin being min(lifetime/10, 60 s): what one process would mint per lifetime, by design, lies between
+  # these two bounds.
+  local m_eff margin lo hi duplicates gap
   m_eff=$(calc "(${min_ttl:-60} < $lifetime / 2) ? ${min_ttl:-60} : $lifetime / 2" "%.3f")
-  lo=$(calc "$lifetime / ($lifetime - $m_eff - $lifetime / 10)")
-  hi=$(calc "$lifetime / ($lifetime - $m_eff - $lifetime / 5)")
+  margin=$(calc "($lifetime / 10 < 60) ? $lifetime / 10 : 60" "%.3f")
+  lo=$(calc "$lifetime / ($lifetime - $m_eff - $margin)")
+  hi=$(calc "$lifetime / ($lifetime - $m_eff - 2 * $margin)")
   ((lifetime < 3600)) && note "what refresh ahead aims for by design (one process, no coordination loss): $lo to $hi per lifetime"
+  # The direct test of "one mint per token lifetime across replicas": no key minted twice within a second.
+  duplicates=$(stats_field duplicate_mints); gap=$(stats_field_signed shortest_gap_ms)
+  note "duplicate mints (a key minted again less than 1 s after its last mint, i.e. two replicas minting one token): $duplicates; shortest gap between two mints of one key: $(if ((gap < 0)); then echo none; else echo "$gap ms"; fi)"
   note "in the window, all replicas: memory hits $((mem1 - mem0)), shared-table reads $((db1 - db0)) ($(calc "($db1 - $db0) / $duration" "%.0f")/s), mints started $((mint1 - mint0)), refreshes ahead $((ahead1 - ahead0))"
   note "latency: p50 $(ms "$p50") ms, p99 $(ms "$p99") ms, max $(ms "$max") ms; part 1 cached p99 at 64 connections: ${p1_tokens_p99_us:+$(ms "$p1_tokens_p99_us") ms}"
   note "where requests were served (counters since start, warm-up included):"
@@ -644,6 +650,7 @@ part2_variant() {
   if ((lifetime < 3600)); then
     row "2$label" "mints/key/lifetime, min_ttl ${min_ttl:-60}" "$per_lifetime" "1.0 ideal" "$per_lifetime" "1.0" "$(verdict "$per_lifetime <= 1.05")"
     row "2$label" "same vs refresh-ahead design" "$per_lifetime" "$lo to $hi" "-" "within" "$(verdict "$per_lifetime >= $lo - 0.05 && $per_lifetime <= $hi")"
+    row "2$label" "duplicate mints (< 1 s apart, one key)" "$duplicates" "0 ideal" "-" "0" "$(verdict "$duplicates == 0")"
   else
     row "2$label" "mints in the window (no roll-over)" "$mints" "0 expected" "-" "0" "$(verdict "$mints == 0")"
   fi

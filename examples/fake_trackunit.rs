@@ -4,8 +4,11 @@
 //! - `POST /apptoken`: the OAuth2 client credentials grant (form-encoded, secret in the body). Every call
 //!   mints a new unique token valid for `--expires-in` seconds, after `--delay-ms` milliseconds.
 //! - `GET /stats`: `{"mints_total": n, "mints_per_key": {"<client_id>|<scope>": n, ...}, "jwks_fetches": n,
-//!   "distinct_keys": n, "per_key_min": n, "per_key_max": n}` (the last three summarise `mints_per_key`, so
-//!   a shell script can read them without a JSON parser).
+//!   "distinct_keys": n, "per_key_min": n, "per_key_max": n, "duplicate_mints": n, "shortest_gap_ms": n}`
+//!   (the last five summarise `mints_per_key`, so a shell script can read them without a JSON parser).
+//!   `duplicate_mints` counts mints that came less than a second after the previous mint of the same key:
+//!   two processes minting the same token instead of one. `shortest_gap_ms` is the shortest time between
+//!   two mints of one key (-1 before any key was minted twice).
 //! - `POST /reset`: sets every counter back to zero.
 //!
 //! `--print-identity` prints a `Trackunit-Identity` JWT (RS256, kid `rsa-a`, `iat` now, `exp` now + 3600,
@@ -52,11 +55,36 @@ struct Args {
     print_identity: bool,
 }
 
+/// Mints closer together than this, for one key, are duplicates: a refresh never follows a mint that soon.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct Stats {
     mints_total: AtomicU64,
     jwks_fetches: AtomicU64,
-    mints_per_key: Mutex<HashMap<String, u64>>,
+    mints_per_key: Mutex<HashMap<String, KeyMints>>,
+}
+
+#[derive(Default)]
+struct KeyMints {
+    count: u64,
+    last: Option<std::time::Instant>,
+    shortest_gap: Option<Duration>,
+    duplicates: u64,
+}
+
+impl KeyMints {
+    fn record(&mut self, at: std::time::Instant) {
+        if let Some(last) = self.last {
+            let gap = at.saturating_duration_since(last);
+            self.shortest_gap = Some(self.shortest_gap.map_or(gap, |shortest| shortest.min(gap)));
+            if gap < DUPLICATE_WINDOW {
+                self.duplicates += 1;
+            }
+        }
+        self.count += 1;
+        self.last = Some(at);
+    }
 }
 
 struct State {
@@ -86,6 +114,7 @@ fn oauth_error(status: actix_web::http::StatusCode, error: &str) -> HttpResponse
 
 async fn apptoken(state: web::Data<State>, form: web::Form<HashMap<String, String>>) -> HttpResponse {
     use actix_web::http::StatusCode;
+    let arrived = std::time::Instant::now();
     if !state.delay.is_zero() {
         tokio::time::sleep(state.delay).await;
     }
@@ -97,7 +126,7 @@ async fn apptoken(state: web::Data<State>, form: web::Form<HashMap<String, Strin
     };
     let scope = form.get("scope").cloned().unwrap_or_default();
     let n = state.stats.mints_total.fetch_add(1, Ordering::Relaxed) + 1;
-    *state.stats.mints_per_key.lock().unwrap().entry(format!("{client_id}|{scope}")).or_default() += 1;
+    state.stats.mints_per_key.lock().unwrap().entry(format!("{client_id}|{scope}")).or_default().record(arrived);
     HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(json!({
         "access_token": format!("fake-at-{n}-{}", uuid::Uuid::new_v4().simple()),
         "token_type": "Bearer",
@@ -107,9 +136,15 @@ async fn apptoken(state: web::Data<State>, form: web::Form<HashMap<String, Strin
 }
 
 async fn stats(state: web::Data<State>) -> HttpResponse {
-    let per_key: BTreeMap<String, u64> =
-        state.stats.mints_per_key.lock().unwrap().iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let keys = state.stats.mints_per_key.lock().unwrap();
+    let per_key: BTreeMap<String, u64> = keys.iter().map(|(k, v)| (k.clone(), v.count)).collect();
+    let duplicates: u64 = keys.values().map(|k| k.duplicates).sum();
+    let shortest_gap_ms =
+        keys.values().filter_map(|k| k.shortest_gap).min().map_or(-1, |gap| gap.as_millis() as i64);
+    drop(keys);
     HttpResponse::Ok().json(json!({
+        "duplicate_mints": duplicates,
+        "shortest_gap_ms": shortest_gap_ms,
         "mints_total": state.stats.mints_total.load(Ordering::Relaxed),
         "jwks_fetches": state.stats.jwks_fetches.load(Ordering::Relaxed),
         "distinct_keys": per_key.len(),
