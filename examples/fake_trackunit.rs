@@ -139,8 +139,7 @@ async fn stats(state: web::Data<State>) -> HttpResponse {
     let keys = state.stats.mints_per_key.lock().unwrap();
     let per_key: BTreeMap<String, u64> = keys.iter().map(|(k, v)| (k.clone(), v.count)).collect();
     let duplicates: u64 = keys.values().map(|k| k.duplicates).sum();
-    let shortest_gap_ms =
-        keys.values().filter_map(|k| k.shortest_gap).min().map_or(-1, |gap| gap.as_millis() as i64);
+    let shortest_gap_ms = keys.values().filter_map(|k| k.shortest_gap).min().map_or(-1, |gap| gap.as_millis() as i64);
     drop(keys);
     HttpResponse::Ok().json(json!({
         "duplicate_mints": duplicates,

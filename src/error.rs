@@ -86,13 +86,27 @@ impl ApiError {
         }
     }
 
-    fn retry_after_secs(&self) -> Option<u64> {
+    /// Seconds the caller should wait before retrying, sent as `Retry-After`.
+    pub(crate) fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ApiError::UpstreamUnavailable { retry_after_secs }
             | ApiError::IdentityKeysUnavailable { retry_after_secs } => Some(*retry_after_secs),
             ApiError::DatabaseUnavailable => Some(DATABASE_RETRY_AFTER_SECS),
             _ => None,
         }
+    }
+
+    /// The problem+json body (RFC 9457) of this error. The OpenAPI document's examples are built from it
+    /// too, so they show exactly what is sent.
+    pub(crate) fn problem(&self) -> serde_json::Value {
+        let status = self.status_code();
+        serde_json::json!({
+            "type": format!("urn:tokenvault:problem:{}", self.code()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+            "code": self.code(),
+        })
     }
 
     /// Maps a database error: an unreachable database is a 503 the caller should retry; anything else is ours.
@@ -152,13 +166,7 @@ impl ResponseError for ApiError {
             // The one place an internal error is logged, with its whole cause chain.
             tracing::error!(error.cause_chain = ?cause, "request failed");
         }
-        let body = serde_json::json!({
-            "type": format!("urn:tokenvault:problem:{}", self.code()),
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-            "code": self.code(),
-        });
+        let body = self.problem();
         let mut response = HttpResponse::build(status);
         response.insert_header((header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json")));
         response.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));

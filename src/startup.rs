@@ -1,6 +1,6 @@
 //! Builds the shared state and the two HTTP servers: the public one (callback, health) and the internal
-//! one (token and admin API, health, metrics). Both stop gracefully on SIGINT/SIGTERM: in-flight
-//! requests finish first.
+//! one (token and admin API, health, metrics, OpenAPI document). Both stop gracefully on SIGINT/SIGTERM:
+//! in-flight requests finish first.
 
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
@@ -174,6 +174,7 @@ impl Application {
             directory,
             apps: settings.apps.clone(),
             metrics: metrics_handle(),
+            openapi: routes::openapi::document_json().context("cannot serialize the OpenAPI document")?,
             runtime: tokio::runtime::Handle::current(),
         });
 

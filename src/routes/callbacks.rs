@@ -6,7 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use secrecy::SecretString;
 use serde_json::{Map, Value};
 
-use super::{AppState, body};
+use super::{AppState, body, openapi};
 use crate::domain::TextField;
 use crate::error::ApiError;
 use crate::identity::VerifyError;
@@ -16,8 +16,36 @@ use crate::installs::{self, CallbackMessage, Outcome};
 pub const MAX_CALLBACK_BYTES: usize = 64 * 1024;
 const IDENTITY_HEADER: &str = "Trackunit-Identity";
 /// How long Trackunit should wait when our signing keys are not loaded yet.
-const KEYS_RETRY_AFTER_SECS: u64 = 5;
+pub(super) const KEYS_RETRY_AFTER_SECS: u64 = 5;
 
+#[utoipa::path(
+    post,
+    path = "/callbacks/trackunit",
+    operation_id = "receiveTrackunitCallback",
+    tag = "public",
+    summary = "Trackunit's app-install callback",
+    description = "Trackunit sends this when an account installs or uninstalls the app. Checks, in this order: \
+                   `Content-Type` (415), size (413), the `Trackunit-Identity` JWT (401, or 503 while no JWKS is \
+                   loaded), the body (400), the JWT's `irisAppId`/`accountId` claims against the body (401), \
+                   `TOKENVAULT_APPS` (403). The change is committed before the answer.",
+    params(("Trackunit-Identity" = String, Header,
+            description = "A JWT (compact JWS, optionally prefixed `Bearer `) signed by a key in Trackunit's \
+                           marketplace JWKS.")),
+    request_body(content = openapi::CallbackMessage, content_type = "application/json", examples(
+        ("INSTALLED" = (value = json!({"type": "INSTALLED", "irisAppId": "@acme/fleet-insights",
+                                       "accountId": "7b1c5e0a-acme", "clientId": "example-client-id",
+                                       "clientSecret": "example-client-secret"}))),
+        ("UNINSTALLED" = (value = json!({"type": "UNINSTALLED", "irisAppId": "@acme/fleet-insights",
+                                         "accountId": "7b1c5e0a-acme"}))),
+        ("another type" = (value = json!({"type": "APP_UPDATED"}))),
+    )),
+    responses(
+        (status = 204, description = "`INSTALLED` or `UNINSTALLED` was handled: stored, unchanged, stale (older \
+                                      than what is stored), uninstalled, or unknown to tokenvault."),
+        (status = 202, description = "A verified message of another type: recorded, nothing stored."),
+        openapi::CallbackProblems,
+    ),
+)]
 #[tracing::instrument(skip_all, fields(callback.type, app.id, account.id, callback.outcome))]
 pub async fn trackunit(
     request: HttpRequest,

@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 
-use super::AppState;
+use super::{AppState, openapi};
 use crate::store;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -16,11 +16,37 @@ pub fn routes(config: &mut web::ServiceConfig) {
 }
 
 /// The process is up.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tags = ["public", "internal"],
+    summary = "Liveness",
+    description = "Answers 200 while the process runs. Served by both listeners.",
+    responses((status = 200, description = "The process is up.", body = openapi::Health,
+               example = json!({"status": "ok"}))),
+)]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
 /// Ready to serve: the database answers and a JWKS is loaded.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tags = ["public", "internal"],
+    summary = "Readiness",
+    description = "Ready when the database answers and Trackunit's signing keys (JWKS) are loaded. Served by both \
+                   listeners. The 503 is plain JSON, not a problem.",
+    responses(
+        (status = 200, description = "Ready.", body = openapi::Readiness,
+         example = json!({"database": true, "jwks": true})),
+        (status = 503, description = "Not ready: the same body, saying what is missing.", body = openapi::Readiness,
+         headers(("Retry-After" = u32, description = "Always 5 (seconds).")),
+         example = json!({"database": false, "jwks": true})),
+    ),
+)]
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let pool = state.pool.clone();
     let database = super::offload(&state, async move { Ok(store::ping(&pool).await) }).await.unwrap_or(false);
@@ -33,6 +59,16 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "internal",
+    summary = "Prometheus metrics",
+    description = "The `tokenvault_*` series in the Prometheus text format. No key is needed.",
+    responses((status = 200, description = "The metrics.", body = String,
+               content_type = "text/plain; version=0.0.4")),
+)]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }

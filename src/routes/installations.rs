@@ -4,11 +4,29 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use uuid::Uuid;
 
-use super::{AppState, auth};
+use super::{AppState, auth, openapi};
 use crate::error::ApiError;
 use crate::installs;
 use crate::store::installation;
 
+#[utoipa::path(
+    get,
+    path = "/v1/installations",
+    operation_id = "listInstallations",
+    tag = "internal",
+    security(("service_key" = [])),
+    summary = "Every installation (admin only)",
+    description = "Admin only: needs a key made with `tokenvault clients create --admin`; another valid key gets \
+                   403. Lists every installation, oldest first, without credentials or client ids.",
+    responses(
+        (status = 200, description = "The installations.", body = openapi::InstallationList,
+         example = json!({"installations": [{"id": "0b8e1f2a-5c3d-4e6f-8a9b-0c1d2e3f4a5b",
+                                             "app_id": "@acme/fleet-insights", "account_id": "7b1c5e0a-acme",
+                                             "status": "active", "created_at": "2026-11-22T12:00:00.123456Z",
+                                             "updated_at": "2026-11-22T12:00:00.123456Z"}]})),
+        openapi::ListProblems,
+    ),
+)]
 pub async fn list(request: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let digest = auth::presented_key(&request)?;
     let task_state = state.clone();
@@ -20,6 +38,23 @@ pub async fn list(request: HttpRequest, state: web::Data<AppState>) -> Result<Ht
     Ok(HttpResponse::Ok().json(serde_json::json!({ "installations": installations })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/installations/{id}",
+    operation_id = "revokeInstallation",
+    tag = "internal",
+    security(("service_key" = [])),
+    summary = "Revoke an installation (admin only)",
+    description = "Admin only: needs a key made with `tokenvault clients create --admin`; another valid key gets \
+                   403. Erases the installation's credentials and cached tokens, sets its status to `revoked` and \
+                   records the revoke. A later `INSTALLED` callback reactivates it only if its identity JWT was \
+                   issued at or after the revoke.",
+    params(("id" = String, Path, format = "uuid", description = "The installation's id.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        openapi::RevokeProblems,
+    ),
+)]
 pub async fn revoke(
     request: HttpRequest,
     path: web::Path<String>,

@@ -6,6 +6,7 @@ mod body;
 mod callbacks;
 mod health;
 mod installations;
+pub(crate) mod openapi;
 mod repeat;
 mod tokens;
 
@@ -31,6 +32,8 @@ pub struct AppState {
     pub directory: Arc<Directory>,
     pub apps: Option<HashSet<String>>,
     pub metrics: PrometheusHandle,
+    /// The OpenAPI document, serialized once at start (see [`openapi`]).
+    pub openapi: web::Bytes,
     /// The service's main runtime; see [`offload`].
     pub runtime: tokio::runtime::Handle,
 }
@@ -66,7 +69,7 @@ pub fn public(config: &mut web::ServiceConfig) {
         .default_service(web::to(not_found));
 }
 
-/// The private listener: tokens, admin, health and metrics.
+/// The private listener: tokens, admin, health, metrics and the OpenAPI document.
 pub fn internal(config: &mut web::ServiceConfig) {
     config
         .service(
@@ -87,6 +90,11 @@ pub fn internal(config: &mut web::ServiceConfig) {
         .service(
             web::resource("/metrics")
                 .route(web::get().to(health::metrics))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/openapi.json")
+                .route(web::get().to(openapi::serve))
                 .default_service(web::to(method_not_allowed)),
         )
         .configure(health::routes)

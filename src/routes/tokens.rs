@@ -7,13 +7,13 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use super::{AppState, auth, body, repeat};
+use super::{AppState, auth, body, openapi, repeat};
 use crate::broker::{BrokerError, UpstreamError};
 use crate::domain::{ScopeSet, TextField};
 use crate::error::ApiError;
 use crate::store::api_client::ApiClient;
 
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(super) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const DEFAULT_MIN_TTL_SECS: u64 = 60;
 /// A day: longer than any access token lives, so anything above is a mistake.
 const LONGEST_MIN_TTL_SECS: u64 = 86_400;
@@ -26,6 +26,28 @@ struct TokenRequest {
     min_ttl: Duration,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    operation_id = "issueToken",
+    tag = "internal",
+    security(("service_key" = [])),
+    summary = "An access token for an account",
+    description = "Hands out a token from memory, else from the shared database cache, else freshly minted by \
+                   Trackunit's token endpoint. Checks, in this order: the service key (401), the body (415, 413, \
+                   400), the key's account and scope grants (403), the installation (404, 409), then the token \
+                   endpoint (422, 502, 503). After a transient failure, a token that has not expired may be \
+                   answered instead, with less than `min_ttl_seconds` left.",
+    request_body(content = openapi::TokenRequest, content_type = "application/json",
+                 example = json!({"account_id": "7b1c5e0a-acme", "scopes": ["asset.view"], "min_ttl_seconds": 120})),
+    responses(
+        (status = 200, description = "The token.", body = openapi::TokenAnswer,
+         headers(("Cache-Control" = String, description = "`no-store`"), ("Pragma" = String, description = "`no-cache`")),
+         example = json!({"access_token": "eyJ…", "token_type": "Bearer", "expires_in": 3542,
+                          "expires_at": "2026-11-22T13:05:00Z", "scope": "asset.view"})),
+        openapi::TokenProblems,
+    ),
+)]
 // DEBUG, not INFO: this is the hot path, and building a span per request costs as much as the rest of a
 // cache hit. Refusals and failures are still logged as WARN events.
 #[tracing::instrument(level = "debug", skip_all, fields(client.name, account.id, installation.id))]

@@ -5,6 +5,7 @@ mod admin;
 mod callbacks;
 mod helpers;
 mod identity;
+mod openapi;
 mod redteam;
 mod repeat;
 mod resilience;
