@@ -175,10 +175,13 @@ pub struct TokenEndpoint {
     pub delay: Arc<Mutex<Duration>>,
     counter: Arc<AtomicU64>,
     pub issued: Arc<Mutex<Vec<String>>>,
+    /// When each call arrived (before its `delay`).
+    pub arrivals: Arc<Mutex<Vec<std::time::Instant>>>,
 }
 
 impl Respond for TokenEndpoint {
     fn respond(&self, request: &Request) -> ResponseTemplate {
+        self.arrivals.lock().unwrap().push(std::time::Instant::now());
         let form: HashMap<String, String> = url::form_urlencoded::parse(&request.body).into_owned().collect();
         self.calls.lock().unwrap().push(form.clone());
         let answer = {
@@ -288,6 +291,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         delay: Arc::new(Mutex::new(Duration::ZERO)),
         counter: Arc::default(),
         issued: Arc::default(),
+        arrivals: Arc::default(),
     };
     Mock::given(method("POST")).and(path("/apptoken")).respond_with(upstream.clone()).mount(&trackunit).await;
 

@@ -209,3 +209,42 @@ async fn a_retry_after_from_the_upstream_holds_the_key_back_that_long() {
     assert_problem(response, 503, "upstream_unavailable").await;
     assert_eq!(app.upstream.call_count(), 1, "the upstream asked for 30 s and got them");
 }
+
+#[tokio::test]
+async fn concurrent_mints_are_bounded_so_a_callback_still_finds_a_connection() {
+    // The tests' pool has 6 connections: (6 - 1) / 2 = 2 mints at once, 1 for LISTEN, 3 for the rest.
+    let app = spawn_app().await;
+    let accounts: Vec<String> = (0..12).map(|i| format!("acc-{i}")).collect();
+    for account in &accounts {
+        app.install(account).await;
+    }
+    let key = app.client(&["*"], &["*"], false).await;
+    let delay = Duration::from_millis(400);
+    *app.upstream.delay.lock().unwrap() = delay;
+
+    let started = Instant::now();
+    let tokens = futures_util::future::join_all(accounts.iter().map(|account| {
+        let body = json!({"account_id": account, "scopes": ["a"]});
+        let (app, key) = (&app, &key);
+        async move { app.token(key, &body).await.status().as_u16() }
+    }));
+    let callback = async {
+        // While the mints hold their connections and wait on the upstream.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let sent = Instant::now();
+        let status = app.callback(Some(&identity()), &installed_body("acc-new", &credentials())).await.status();
+        (status.as_u16(), sent.elapsed())
+    };
+    let (statuses, (callback_status, callback_took)) = tokio::join!(tokens, callback);
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(callback_status, 204);
+    assert!(callback_took < Duration::from_millis(350), "the callback waited {callback_took:?} for a connection");
+
+    let arrivals = app.upstream.arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), accounts.len(), "one mint per key");
+    for first in &arrivals {
+        let at_once = arrivals.iter().filter(|&at| *at >= *first && at.duration_since(*first) < delay / 2).count();
+        assert!(at_once <= 2, "{at_once} mints reached the upstream together; the bound is 2");
+    }
+    assert!(started.elapsed() >= delay * 6 - Duration::from_millis(50), "12 mints, 2 at a time: 6 rounds");
+}
