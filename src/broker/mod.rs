@@ -159,7 +159,7 @@ impl Broker {
         app_id: Option<&str>,
         scopes: &ScopeSet,
         min_ttl: Duration,
-    ) -> Option<Lease> {
+    ) -> Option<(Arc<Token>, Lease)> {
         let installations = self.directory.cached_installations(account_id)?;
         // Borrowed, not cloned: an installation holds half a dozen heap fields and this runs per request.
         let index = pick_index(&installations, app_id).ok().filter(|&i| installations[i].status() == Status::Active)?;
@@ -171,26 +171,30 @@ impl Broker {
         };
         let entry = self.memory.get(&key)?;
         let token = self.serve_entry(&key, &entry, installation, scopes, min_ttl)?;
-        Some(Lease { token, key, entry, installations, index, scopes: scopes.clone(), min_ttl })
+        let lease = Lease { key, entry: Arc::downgrade(&entry), installations, index, scopes: scopes.clone(), min_ttl };
+        Some((token, lease))
     }
 
     /// The lease's token again, if it is still the current one and fresh for the lease's `min_ttl`; with
     /// the same bookkeeping as a cache hit (demand, refresh ahead). The caller vouches that the client and
     /// the installation behind the lease are unchanged (see `routes::repeat`).
     pub fn serve_again(self: &Arc<Self>, lease: &Lease) -> Option<Arc<Token>> {
-        if lease.entry.is_superseded() {
+        // Gone once the cache dropped it (expired, evicted, or its installation forgotten).
+        let entry = lease.entry.upgrade()?;
+        if entry.is_superseded() {
             return None;
         }
-        self.serve_entry(&lease.key, &lease.entry, lease.installation(), &lease.scopes, lease.min_ttl)
+        self.serve_entry(&lease.key, &entry, lease.installation(), &lease.scopes, lease.min_ttl)
     }
 }
 
-/// A token served from memory, with what it takes to serve it again without looking anything up: the
-/// cache entry itself and the installation it was found for. All shared, so a lease costs no copying.
+/// What it takes to serve a token found in memory again without looking anything up: the cache entry and
+/// the installation it was found for. All shared, so a lease costs no copying. The entry is held weakly: a
+/// lease never keeps a token in memory that the cache has let go of (expired, evicted, or forgotten when
+/// its installation changed).
 pub struct Lease {
-    pub token: Arc<Token>,
     key: CacheKey,
-    entry: Arc<Entry>,
+    entry: std::sync::Weak<Entry>,
     installations: Arc<Vec<Installation>>,
     index: usize,
     scopes: ScopeSet,

@@ -119,11 +119,10 @@ fn cached_token(
     let wanted = parse(body).ok()?;
     authorize(&client, &wanted).ok()?;
     let app_id = wanted.app_id.as_ref().map(TextField::as_str);
-    let lease = state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl)?;
+    let (token, lease) = state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl)?;
     let span = tracing::Span::current();
     span.record("client.name", client.name.as_str()).record("account.id", wanted.account_id.as_str());
     span.record("installation.id", tracing::field::display(lease.installation().id));
-    let token = std::sync::Arc::clone(&lease.token);
     repeat::learn(state, generation, digest, body, client, lease);
     Some(token)
 }
