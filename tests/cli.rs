@@ -165,6 +165,8 @@ async fn migrate_applies_the_embedded_migrations_to_an_empty_database() {
         run(tokenvault_for(&app).args(["migrate"]).env("DATABASE_URL", url.as_str())).status.success(),
         "idempotent"
     );
+    pool.close().await;
+    drop_database(&database);
 }
 
 fn free_port() -> u16 {

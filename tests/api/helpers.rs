@@ -231,6 +231,8 @@ pub struct TestApp {
     pub encryption_keys: String,
     pub jwks: Arc<Mutex<Value>>,
     pub proxy: Option<Arc<DatabaseProxy>>,
+    /// The test's own database, dropped when the app is (see [`drop_database`]).
+    database: String,
     _stopper: Stopper,
 }
 
@@ -336,6 +338,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         encryption_keys,
         jwks,
         proxy,
+        database,
         _stopper: stopper,
     }
 }
@@ -343,12 +346,37 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 /// Stops an app's servers when dropped, so a finished test releases its database connections.
 pub struct Stopper(Vec<actix_web::dev::ServerHandle>);
 
-impl Drop for Stopper {
-    fn drop(&mut self) {
+impl Stopper {
+    /// Sends the stop command at once; the returned futures only wait for completion.
+    fn stop(&self) {
         for handle in &self.0 {
-            // Sends the stop command at once; the returned future only waits for completion.
             drop(handle.stop(false));
         }
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Drops a test's database, so test runs do not pile databases up on the server (each is a few MB, and a
+/// run makes over a hundred). `with (force)` ends the connections of an app still stopping. Runs on a
+/// thread of its own: a `Drop` cannot await, and it may run inside the test's runtime.
+pub fn drop_database(database: &str) {
+    let (server, database) = (server_url(), database.to_owned());
+    let dropped = std::thread::spawn(move || -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut admin = PgConnection::connect(&server).await?;
+            admin.execute(format!(r#"drop database if exists "{database}" with (force)"#).as_str()).await?;
+            anyhow::Ok(())
+        })
+    })
+    .join();
+    if let Ok(Err(error)) | Err(error) = dropped.map_err(|_| anyhow::anyhow!("the drop panicked")) {
+        eprintln!("warning: could not drop a test database: {error:#}");
     }
 }
 
@@ -376,6 +404,8 @@ async fn start(settings: Settings) -> anyhow::Result<(u16, u16, Stopper)> {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        self._stopper.stop();
+        drop_database(&self.database);
         if !std::thread::panicking() {
             assert_no_secret_logged();
         }
