@@ -678,6 +678,20 @@ part2() {
   part2_variant c 0 "$(((P2_SECONDS + 1) / 2))" 3600
 }
 
+# pgbench_run NAME SQL_FILE: pgbench -n -c 64 -j 2 for BENCH_SECONDS over the script, sampling the
+# backends' CPU while they live (they exit with pgbench) and the wait events; sets pgbench_tps.
+pgbench_run() {
+  local name=$1 script=$2 pid
+  waits_start "$name"
+  "$pgbench_cmd" -n -c 64 -j 2 -T "$SECONDS_PER_RUN" -f "$script" "$db" >"$work/$name.out" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do cpu_pg_snapshot; sleep 0.2; done
+  wait "$pid" || { cat "$work/$name.out" >&2; die "pgbench failed ($name)"; }
+  waits_stop
+  sed -n -e '/^number of transactions actually processed/p' -e '/^latency average/p' -e '/^tps/p' "$work/$name.out" | sed 's/^/    | /'
+  pgbench_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/$name.out" | head -n 1)
+}
+
 # --- part 3 ------------------------------------------------------------------------------------------------
 
 part3() {
@@ -724,16 +738,8 @@ SQL
   "$pgbench_cmd" -n -c 64 -j 2 -T 3 -f "$work/upsert.sql" "$db" >"$work/p3-pgbench-warm.out" 2>&1 ||
     { cat "$work/p3-pgbench-warm.out" >&2; die "pgbench failed"; }
   cpu_begin "$tv_pid"
-  waits_start p3-upsert
-  "$pgbench_cmd" -n -c 64 -j 2 -T "$SECONDS_PER_RUN" -f "$work/upsert.sql" "$db" >"$work/p3-pgbench.out" 2>&1 &
-  local pgbench_pid=$!
-  # pgbench's backends exit with it: sample their CPU while they live.
-  while kill -0 "$pgbench_pid" 2>/dev/null; do cpu_pg_snapshot; sleep 0.2; done
-  wait "$pgbench_pid" || { cat "$work/p3-pgbench.out" >&2; die "pgbench failed"; }
-  waits_stop
-  sed -n -e '/^number of transactions actually processed/p' -e '/^latency average/p' -e '/^tps/p' "$work/p3-pgbench.out" | sed 's/^/    | /'
-  local tps
-  tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/p3-pgbench.out" | head -n 1)
+  pgbench_run p3-upsert "$work/upsert.sql"
+  local tps=$pgbench_tps
   cpu_end "$(calc "$tps * $SECONDS_PER_RUN" "%.0f")"
 
   local upsert_pg=$cpu_pg_us
@@ -753,15 +759,8 @@ insert into callback_event (event_type, app_id, account_id, outcome, identity_is
 commit;
 SQL
   cpu_begin "$tv_pid"
-  waits_start p3-replay
-  "$pgbench_cmd" -n -c 64 -j 2 -T "$SECONDS_PER_RUN" -f "$work/callback.sql" "$db" >"$work/p3-replay.out" 2>&1 &
-  pgbench_pid=$!
-  while kill -0 "$pgbench_pid" 2>/dev/null; do cpu_pg_snapshot; sleep 0.2; done
-  wait "$pgbench_pid" || { cat "$work/p3-replay.out" >&2; die "pgbench failed (replay)"; }
-  waits_stop
-  sed -n -e '/^number of transactions actually processed/p' -e '/^latency average/p' -e '/^tps/p' "$work/p3-replay.out" | sed 's/^/    | /'
-  local replay_tps
-  replay_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/p3-replay.out" | head -n 1)
+  pgbench_run p3-replay "$work/callback.sql"
+  local replay_tps=$pgbench_tps
   cpu_end "$(calc "$replay_tps * $SECONDS_PER_RUN" "%.0f")"
   local replay_pg=$cpu_pg_us
 
@@ -771,12 +770,8 @@ SQL
   if [ "$(sql "$db" "select rolsuper from pg_roles where rolname = current_user")" = t ]; then
     say "The same replay without the NOTIFY trigger (SET LOCAL session_replication_role = replica)"
     sed 's/^begin;$/begin; set local session_replication_role = replica;/' "$work/callback.sql" >"$work/callback-quiet.sql"
-    waits_start p3-quiet
-    "$pgbench_cmd" -n -c 64 -j 2 -T "$SECONDS_PER_RUN" -f "$work/callback-quiet.sql" "$db" >"$work/p3-quiet.out" 2>&1 ||
-      { cat "$work/p3-quiet.out" >&2; die "pgbench failed (replay without trigger)"; }
-    waits_stop
-    sed -n -e '/^latency average/p' -e '/^tps/p' "$work/p3-quiet.out" | sed 's/^/    | /'
-    quiet_tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/p3-quiet.out" | head -n 1)
+    pgbench_run p3-quiet "$work/callback-quiet.sql"
+    quiet_tps=$pgbench_tps
   fi
 
   local cb_rps cb_p50 cb_p99 errors ratio stored

@@ -21,11 +21,7 @@ pub fn require_json(request: &HttpRequest) -> Result<(), ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::UnsupportedMediaType)?;
-    if content_type == "application/json" || is_json(content_type) {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType)
-    }
+    if is_json(content_type) { Ok(()) } else { Err(ApiError::UnsupportedMediaType) }
 }
 
 /// Whether a Content-Type names JSON: `application/json` or `application/*+json`, any case, any

@@ -66,12 +66,7 @@ pub fn replay(state: &AppState, generation: u64, digest: &[u8; 32], body: &[u8])
             && answer.learnt_at.elapsed() < directory::TIME_TO_LIVE;
         let token = if current { broker.serve_again(&answer.lease) } else { None };
         match &token {
-            Some(_) => {
-                let span = tracing::Span::current();
-                span.record("client.name", answer.client.name.as_str());
-                span.record("account.id", answer.lease.installation().account_id.as_str());
-                span.record("installation.id", tracing::field::display(answer.lease.installation().id));
-            }
+            Some(_) => super::tokens::record_on_span(&answer.client, answer.lease.installation()),
             None => {
                 by_body.remove(body);
                 remembered.len -= 1;

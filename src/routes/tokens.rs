@@ -12,6 +12,7 @@ use crate::broker::{BrokerError, UpstreamError};
 use crate::domain::{ScopeSet, TextField};
 use crate::error::ApiError;
 use crate::store::api_client::ApiClient;
+use crate::store::installation::Installation;
 
 pub(super) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const DEFAULT_MIN_TTL_SECS: u64 = 60;
@@ -120,11 +121,16 @@ fn cached_token(
     authorize(&client, &wanted).ok()?;
     let app_id = wanted.app_id.as_ref().map(TextField::as_str);
     let (token, lease) = state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl)?;
-    let span = tracing::Span::current();
-    span.record("client.name", client.name.as_str()).record("account.id", wanted.account_id.as_str());
-    span.record("installation.id", tracing::field::display(lease.installation().id));
+    record_on_span(&client, lease.installation());
     repeat::learn(state, generation, digest, body, client, lease);
     Some(token)
+}
+
+/// Names the client, account and installation on the request's span (a repeated request too).
+pub(super) fn record_on_span(client: &ApiClient, installation: &Installation) {
+    let span = tracing::Span::current();
+    span.record("client.name", client.name.as_str()).record("account.id", installation.account_id.as_str());
+    span.record("installation.id", tracing::field::display(installation.id));
 }
 
 /// 403 unless `client` is granted the account and every scope (whether or not the account is installed).
