@@ -471,3 +471,52 @@ async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_
     assert!(served > 50, "cached tokens kept flowing: {served}");
     assert_eq!(failed, 0, "no cached token request failed during the restart ({served} served)");
 }
+
+/// A counter of the `/metrics` of a process started by [`serve`]: its own, shared with no other test.
+async fn counter(app: &TestApp, internal: u16, series: &str) -> u64 {
+    let text = app.http.get(format!("http://127.0.0.1:{internal}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn token_waits_count_the_requests_that_waited_by_what_they_waited_on_and_never_a_memory_hit() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let (mut child, _, internal) = serve(&app).await;
+    let ask = |scope: &'static str| {
+        app.http
+            .post(format!("http://127.0.0.1:{internal}/v1/tokens"))
+            .bearer_auth(&key)
+            .json(&json!({"account_id": "acc-1", "scopes": [scope]}))
+            .send()
+    };
+    let waits = || async {
+        let mut counts = Vec::new();
+        for on in ["shared_table", "mint", "queued"] {
+            counts.push(counter(&app, internal, &format!("tokenvault_token_waits_total{{on=\"{on}\"}}")).await);
+        }
+        counts
+    };
+
+    // Another replica (the test's own app) mints scope a into the shared table; the process reads it.
+    assert_eq!(app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.status(), 200);
+    assert_eq!(ask("a").await.unwrap().status(), 200);
+    assert_eq!(waits().await, [1, 0, 0], "the first request read the shared table");
+    for _ in 0..5 {
+        assert_eq!(ask("a").await.unwrap().status(), 200);
+    }
+    assert_eq!(waits().await, [1, 0, 0], "memory hits never count as waits");
+
+    assert_eq!(ask("b").await.unwrap().status(), 200);
+    assert_eq!(waits().await, [1, 1, 0], "a key nobody holds is minted while the request waits");
+
+    // Two requests at once for a new key, against a slow upstream: one mints, the other queues behind it.
+    *app.upstream.delay.lock().unwrap() = Duration::from_millis(300);
+    let (first, second) = tokio::join!(ask("c"), ask("c"));
+    assert_eq!((first.unwrap().status().as_u16(), second.unwrap().status().as_u16()), (200, 200));
+    assert_eq!(waits().await, [1, 2, 1], "the second request waited for the first one's mint");
+    assert_eq!(app.upstream.call_count(), 3, "scope a once, b once, c once");
+    let _ = child.kill();
+    let _ = child.wait();
+}

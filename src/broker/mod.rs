@@ -79,6 +79,23 @@ enum Want {
     NewerThan(chrono::DateTime<Utc>),
 }
 
+/// What [`Broker::shared_or_mint`] obtained.
+struct Obtained {
+    token: Token,
+    /// Minted upstream just now, rather than read from the shared table.
+    minted: bool,
+    /// In the shared table (not when the installation changed meanwhile).
+    stored: bool,
+}
+
+/// A token request answered after waiting, because memory held no token fresh enough: `on` the shared
+/// table, a `mint` of its own, or `queued` behind another request's lookup or mint of the same key (or a
+/// refresh under way). With refresh ahead keeping up, only a replica's first request for a key waits, on
+/// the shared table; a steady count of `mint` or `queued` means requests are waiting for the upstream.
+fn count_wait(on: &'static str) {
+    metrics::counter!("tokenvault_token_waits_total", "on" => on).increment(1);
+}
+
 /// Registered once: counted on every cache hit, the hot path (see `routes::tokens::SERVED`).
 static MEMORY_HITS: std::sync::LazyLock<metrics::Counter> =
     std::sync::LazyLock::new(|| metrics::counter!("tokenvault_token_cache_total", "tier" => "memory"));
@@ -249,6 +266,7 @@ impl Broker {
         let _turn = flight.lock().await;
         // Whoever held the mutex before us may have just stored what we need.
         if let Some(token) = self.fresh_from_memory(&key, installation, scopes, min_ttl) {
+            count_wait("queued");
             return Ok(token);
         }
         if let Some(retry_after) = self.backoff.remaining(&key) {
@@ -258,8 +276,9 @@ impl Broker {
             }));
         }
         match self.shared_or_mint(installation, &key, scopes, Want::FreshFor(min_ttl)).await {
-            Ok((token, stored)) => {
+            Ok(Obtained { token, minted, stored }) => {
                 self.backoff.succeeded(&key);
+                count_wait(if minted { "mint" } else { "shared_table" });
                 let token = Arc::new(token);
                 if stored {
                     self.remember(key, Arc::clone(&token), min_ttl);
@@ -338,13 +357,13 @@ impl Broker {
             }
             metrics::counter!("tokenvault_token_refresh_ahead_total").increment(1);
             match broker.shared_or_mint(&installation, &key, &scopes, Want::NewerThan(entry.token.expires_at)).await {
-                Ok((token, true)) => {
+                Ok(Obtained { token, stored: true, .. }) => {
                     broker.backoff.succeeded(&key);
                     broker.remember(key, Arc::new(token), Duration::ZERO);
                     // Also when the cache had already evicted it, so `remember` could not mark it.
                     entry.supersede();
                 }
-                Ok((_, false)) => {}
+                Ok(Obtained { stored: false, .. }) => {}
                 Err(error) => {
                     if let Some(asked) = error.upstream_wait() {
                         broker.backoff.failed(&key, asked);
@@ -386,7 +405,6 @@ impl Broker {
     }
 
     /// Under the cross-process lock: the token another replica stored, or a fresh mint stored for all.
-    /// Returns whether the token is in the shared table (it is not when the installation changed meanwhile).
     #[tracing::instrument(skip_all, fields(installation.id = %installation.id))]
     async fn shared_or_mint(
         &self,
@@ -394,7 +412,7 @@ impl Broker {
         key: &CacheKey,
         scopes: &ScopeSet,
         want: Want,
-    ) -> Result<(Token, bool), BrokerError> {
+    ) -> Result<Obtained, BrokerError> {
         let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
         let mut tx = self.pool.begin().await?;
         token_cache::lock_key(&mut tx, key.installation_id, &key.scope_key).await?;
@@ -409,7 +427,7 @@ impl Broker {
                 Ok(token) if satisfies(&token) => {
                     tx.commit().await?;
                     metrics::counter!("tokenvault_token_cache_total", "tier" => "database").increment(1);
-                    return Ok((token, true));
+                    return Ok(Obtained { token, minted: false, stored: true });
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(error = %error, "cached token unreadable; minting a new one"),
@@ -443,7 +461,7 @@ impl Broker {
         let stored =
             token_cache::put(&mut tx, key.installation_id, &key.scope_key, key.credentials_version, &row).await?;
         tx.commit().await?;
-        Ok((token, stored))
+        Ok(Obtained { token, minted: true, stored })
     }
 
     fn open_credentials(
