@@ -520,3 +520,44 @@ async fn token_waits_count_the_requests_that_waited_by_what_they_waited_on_and_n
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn a_token_in_steady_use_rolls_over_without_any_request_waiting() {
+    let app = spawn_app().await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 3 }]);
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let (mut child, _, internal) = serve(&app).await;
+    let mut served = std::collections::BTreeSet::new();
+    // 3 s tokens are refreshed ahead 0.3 to 0.6 s before they expire; 4 s of steady requests span the
+    // first token's expiry and end before its successor is due for renewal. Every other request is the
+    // same (answered as a repeat); the others differ in their spacing, so each one looks the token up.
+    let end = std::time::Instant::now() + Duration::from_secs(4);
+    for n in 0.. {
+        if std::time::Instant::now() >= end {
+            break;
+        }
+        let padding = if n % 2 == 0 { String::new() } else { " ".repeat(n) };
+        let response = app
+            .http
+            .post(format!("http://127.0.0.1:{internal}/v1/tokens"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"account_id":"acc-1","scopes":["a"],{padding}"min_ttl_seconds":0}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        served.insert(response.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut waits = Vec::new();
+    for on in ["shared_table", "mint", "queued"] {
+        waits.push(counter(&app, internal, &format!("tokenvault_token_waits_total{{on=\"{on}\"}}")).await);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(app.upstream.call_count(), 2, "the first mint and one refresh ahead");
+    assert_eq!(served.len(), 2, "both tokens were handed out");
+    assert_eq!(waits, [0, 1, 0], "only the very first request waited (for its mint); none at the rollover");
+}

@@ -83,17 +83,31 @@ impl Entry {
     }
 }
 
-/// Evicts a cached token from memory when it expires.
+/// Evicts a cached token from memory when it expires: the token in the entry now, also after a refresh
+/// replaced the one before it under the same key.
 pub(super) struct UntilExpiry;
 
-impl moka::Expiry<super::CacheKey, Arc<Entry>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &super::CacheKey,
-        entry: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
+impl UntilExpiry {
+    fn time_left(entry: &Entry) -> Option<Duration> {
         Some((entry.token.expires_at - Utc::now()).to_std().unwrap_or_default())
+    }
+}
+
+impl<K> moka::Expiry<K, Arc<Entry>> for UntilExpiry {
+    fn expire_after_create(&self, _key: &K, entry: &Arc<Entry>, _created_at: std::time::Instant) -> Option<Duration> {
+        Self::time_left(entry)
+    }
+
+    /// moka's default keeps the expiry of the value replaced: the refreshed token would be evicted when
+    /// the token it replaced expires, and every request for it would then wait for the shared table.
+    fn expire_after_update(
+        &self,
+        _key: &K,
+        entry: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::time_left(entry)
     }
 }
 
@@ -133,6 +147,24 @@ mod tests {
         let e = entry(300, 86_400);
         assert!(e.refresh_threshold() < Duration::from_secs(300));
         assert!(!e.refresh_due(e.token.issued_at + chrono::Duration::seconds(10)));
+    }
+
+    #[test]
+    fn a_replaced_token_stays_in_memory_until_its_own_expiry_not_that_of_the_token_before() {
+        let memory: moka::sync::Cache<u8, Arc<Entry>> = moka::sync::Cache::builder().expire_after(UntilExpiry).build();
+        let short = |millis: i64| {
+            let issued_at = Utc::now();
+            let expires_at = issued_at + chrono::Duration::milliseconds(millis);
+            let token = Token::new(SecretString::from("t"), "Bearer".into(), "a".into(), issued_at, expires_at);
+            Arc::new(Entry::new(Arc::new(token), Duration::ZERO))
+        };
+        memory.insert(1, short(150));
+        memory.insert(1, short(60_000)); // the refresh
+        memory.insert(2, short(150));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(memory.get(&2).is_none(), "an expired token is evicted");
+        let kept = memory.get(&1).expect("the refreshed token outlives the one it replaced");
+        assert!(kept.token.left(Utc::now()).is_some_and(|left| left > Duration::from_secs(50)));
     }
 
     #[test]
