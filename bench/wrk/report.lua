@@ -25,8 +25,17 @@ function bench_env(name, default)
 end
 
 -- BENCH_DELAY_MS paces each connection: it waits that long before sending its next request, so the load
--- stays below saturation and the latency measured is the service's, not the queue's.
+-- stays below saturation and the latency measured is the service's, not the queue's. wrk's timers count
+-- whole milliseconds, so a fraction is a mean: 0.5 waits 0 or 1 ms at random, half of the time each.
 local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "")
 if pause ~= nil and pause > 0 then
-  function delay() return pause end
+  local whole, fraction = math.floor(pause), pause - math.floor(pause)
+  if fraction == 0 then
+    function delay() return whole end
+  else
+    function delay()
+      if math.random() < fraction then return whole + 1 end
+      return whole
+    end
+  end
 end
