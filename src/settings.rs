@@ -61,6 +61,8 @@ pub struct IdentitySettings {
     pub jwks_url: Url,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// The `typ` header the token must carry (RFC 8725 §3.11), when Trackunit documents one.
+    pub token_type: Option<String>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: Duration,
     /// Least time between two JWKS fetches, for unknown `kid`s and for `max-age` refreshes alike.
@@ -291,6 +293,7 @@ impl Settings {
                 )?,
                 issuer: optional_text(source, "TOKENVAULT_TRACKUNIT_ISSUER")?,
                 audience: optional_text(source, "TOKENVAULT_TRACKUNIT_AUDIENCE")?,
+                token_type: optional_text(source, "TOKENVAULT_TRACKUNIT_TYPE")?,
                 algorithms,
                 leeway: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", 60)?),
                 jwks_min_refresh: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", 30)?),

@@ -12,6 +12,8 @@ pub enum IdentityError {
     SymmetricAlgorithm,
     #[error("the algorithm is unknown or not allowed by TOKENVAULT_TRACKUNIT_ALGORITHMS")]
     AlgorithmNotAllowed,
+    #[error("the token's type (typ) is not the one TOKENVAULT_TRACKUNIT_TYPE expects")]
+    WrongType,
     #[error("the token has a `crit` or `b64` header; no JWS extension is supported")]
     CriticalHeader,
     #[error("no key in the JWKS has the token's kid")]

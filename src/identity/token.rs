@@ -21,6 +21,8 @@ pub struct Policy {
     pub algorithms: Vec<Algorithm>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// The `typ` header required, when set.
+    pub token_type: Option<String>,
     pub leeway_secs: i64,
 }
 
@@ -30,6 +32,7 @@ impl Policy {
             algorithms: settings.algorithms.clone(),
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
+            token_type: settings.token_type.clone(),
             leeway_secs: i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX / 2),
         }
     }
@@ -123,6 +126,13 @@ fn check_header(header: &Map<String, Value>, policy: &Policy) -> Result<Algorith
     if header.contains_key("enc") || header.contains_key("zip") {
         return Err(IdentityError::Encrypted);
     }
+    // RFC 8725 §3.11: explicit typing keeps a JWT of another kind, signed by the same key, from passing
+    // for an identity token. Trackunit documents no `typ`, so it is checked only when configured.
+    if let Some(expected) = &policy.token_type
+        && !header.get("typ").and_then(Value::as_str).is_some_and(|typ| same_media_type(typ, expected))
+    {
+        return Err(IdentityError::WrongType);
+    }
     let alg = header.get("alg").and_then(Value::as_str).ok_or(IdentityError::Malformed("alg is missing"))?;
     if alg.eq_ignore_ascii_case("none") {
         return Err(IdentityError::AlgorithmNone);
@@ -135,6 +145,15 @@ fn check_header(header: &Map<String, Value>, policy: &Policy) -> Result<Algorith
         .ok()
         .filter(|alg| policy.algorithms.contains(alg))
         .ok_or(IdentityError::AlgorithmNotAllowed)
+}
+
+/// `typ` values name media types (RFC 7515 §4.1.9): compared without regard to case, with `application/`
+/// understood when no `/` is given, so `JWT`, `jwt` and `application/jwt` are one type.
+fn same_media_type(a: &str, b: &str) -> bool {
+    let full = |t: &str| {
+        if t.contains('/') { t.to_ascii_lowercase() } else { format!("application/{}", t.to_ascii_lowercase()) }
+    };
+    full(a) == full(b)
 }
 
 fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<i64>, IdentityError> {
@@ -213,7 +232,13 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy { algorithms: ASYMMETRIC_ALGORITHMS.to_vec(), issuer: None, audience: None, leeway_secs: 60 }
+        Policy {
+            algorithms: ASYMMETRIC_ALGORITHMS.to_vec(),
+            issuer: None,
+            audience: None,
+            token_type: None,
+            leeway_secs: 60,
+        }
     }
 
     fn sign(alg: Algorithm, kid: &str, key: &str, claims: &Value) -> String {
@@ -283,6 +308,39 @@ mod tests {
             Err(IdentityError::WrongAudience)
         );
         assert_eq!(check(json!({ "exp": NOW + 60, "iss": "trackunit" })), Err(IdentityError::WrongAudience));
+    }
+
+    #[test]
+    fn checks_the_type_when_configured_as_a_media_type() {
+        let good = sign(Algorithm::RS256, "rsa-a", "rsa-a", &fresh());
+        let parts: Vec<&str> = good.split('.').collect();
+        // A changed header breaks the signature, but the type is checked first: a refusal for the type
+        // shows as WrongType, anything else as BadSignature.
+        let with_typ = |typ: Option<&str>| {
+            let mut header = json!({"alg": "RS256", "kid": "rsa-a"});
+            if let Some(typ) = typ {
+                header["typ"] = json!(typ);
+            }
+            format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap()), parts[1], parts[2])
+        };
+        let expecting = |typ: &str| Policy { token_type: Some(typ.into()), ..policy() };
+        for (expected, sent) in [("JWT", "JWT"), ("jwt", "JWT"), ("JWT", "application/jwt"), ("application/JWT", "jwt")]
+        {
+            let result = verify_with(&with_typ(Some(sent)), &keys(), &expecting(expected), NOW);
+            assert_ne!(result, Err(IdentityError::WrongType), "{expected} against {sent}");
+        }
+        assert!(verify_with(&good, &keys(), &expecting("JWT"), NOW).is_ok(), "signed with typ JWT");
+        for sent in [Some("at+jwt"), Some("application/at+jwt"), Some("JWS"), None] {
+            assert_eq!(
+                verify_with(&with_typ(sent), &keys(), &expecting("JWT"), NOW),
+                Err(IdentityError::WrongType),
+                "{sent:?}"
+            );
+        }
+        assert!(
+            verify_with(&with_typ(Some("anything")), &keys(), &policy(), NOW)
+                .is_err_and(|e| e != IdentityError::WrongType)
+        );
     }
 
     #[test]

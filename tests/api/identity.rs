@@ -130,6 +130,24 @@ async fn wrong_issuer_or_audience_gets_401_when_configured() {
 }
 
 #[tokio::test]
+async fn a_token_of_another_type_gets_401_when_a_type_is_configured() {
+    let app =
+        spawn_app_with(Options { vars: vec![("TOKENVAULT_TRACKUNIT_TYPE", "JWT".into())], ..Options::default() }).await;
+    let typed = |typ: Option<&str>| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rsa-a".into());
+        header.typ = typ.map(str::to_owned);
+        jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&fixture("rsa-a.pem")).unwrap())
+            .unwrap()
+    };
+    // Validly signed by Trackunit's key, but an access token (RFC 9068) or untyped: not an identity token.
+    refused(&app, Some(&typed(Some("at+jwt"))), "invalid_identity").await;
+    refused(&app, Some(&typed(None)), "invalid_identity").await;
+    let response = app.callback(Some(&typed(Some("application/jwt"))), &installed_body("acc-1", &credentials())).await;
+    assert_eq!(response.status(), 204, "the configured type, spelt as a full media type");
+}
+
+#[tokio::test]
 async fn claims_naming_another_account_or_app_get_401() {
     let app = spawn_app().await;
     let other_account = sign("rsa-a", Algorithm::RS256, &json!({"exp": now() + 300, "accountId": "acc-2"}));
