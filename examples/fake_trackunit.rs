@@ -2,8 +2,9 @@
 //!
 //! - `GET /jwks`: the public half of `tests/fixtures/rsa-a.pem` (kid `rsa-a`), `Cache-Control: max-age=3600`.
 //! - `POST /apptoken`: the OAuth2 client credentials grant (form-encoded, secret in the body). Every call
-//!   mints a new unique token valid for `--expires-in` seconds, after `--delay-ms` milliseconds.
-//! - `GET /stats`: `{"mints_total": n, "mints_per_key": {"<client_id>|<scope>": n, ...}, "jwks_fetches": n,
+//!   mints a new unique token valid for `--expires-in` seconds, after `--delay-ms` milliseconds. Tokens
+//!   read `fake-at-e<epoch>-<n>-<random>`, where the epoch counts the resets below.
+//! - `GET /stats`: `{"epoch": n, "mints_total": n, "mints_per_key": {"<client_id>|<scope>": n, ...}, "jwks_fetches": n,
 //!   "distinct_keys": n, "per_key_min": n, "per_key_max": n, "duplicate_mints": n, "shortest_gap_ms": n}`
 //!   (the last five summarise `mints_per_key`, so a shell script can read them without a JSON parser).
 //!   `duplicate_mints` counts mints that came less than a second after the previous mint of the same key:
@@ -60,6 +61,9 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Stats {
+    /// How many times the counters were reset: part of every token, so a load generator can tell the
+    /// tokens minted since the last reset from older ones.
+    epoch: AtomicU64,
     mints_total: AtomicU64,
     jwks_fetches: AtomicU64,
     mints_per_key: Mutex<HashMap<String, KeyMints>>,
@@ -126,9 +130,10 @@ async fn apptoken(state: web::Data<State>, form: web::Form<HashMap<String, Strin
     };
     let scope = form.get("scope").cloned().unwrap_or_default();
     let n = state.stats.mints_total.fetch_add(1, Ordering::Relaxed) + 1;
+    let epoch = state.stats.epoch.load(Ordering::Relaxed);
     state.stats.mints_per_key.lock().unwrap().entry(format!("{client_id}|{scope}")).or_default().record(arrived);
     HttpResponse::Ok().insert_header((header::CACHE_CONTROL, "no-store")).json(json!({
-        "access_token": format!("fake-at-{n}-{}", uuid::Uuid::new_v4().simple()),
+        "access_token": format!("fake-at-e{epoch}-{n}-{}", uuid::Uuid::new_v4().simple()),
         "token_type": "Bearer",
         "expires_in": state.expires_in,
         "scope": scope,
@@ -142,6 +147,7 @@ async fn stats(state: web::Data<State>) -> HttpResponse {
     let shortest_gap_ms = keys.values().filter_map(|k| k.shortest_gap).min().map_or(-1, |gap| gap.as_millis() as i64);
     drop(keys);
     HttpResponse::Ok().json(json!({
+        "epoch": state.stats.epoch.load(Ordering::Relaxed),
         "duplicate_mints": duplicates,
         "shortest_gap_ms": shortest_gap_ms,
         "mints_total": state.stats.mints_total.load(Ordering::Relaxed),
@@ -154,6 +160,7 @@ async fn stats(state: web::Data<State>) -> HttpResponse {
 }
 
 async fn reset(state: web::Data<State>) -> HttpResponse {
+    state.stats.epoch.fetch_add(1, Ordering::Relaxed);
     state.stats.mints_total.store(0, Ordering::Relaxed);
     state.stats.jwks_fetches.store(0, Ordering::Relaxed);
     state.stats.mints_per_key.lock().unwrap().clear();

@@ -1,13 +1,16 @@
 -- Shared by the benchmark's wrk scripts (loaded with dofile): ends the run with one machine-readable line
 -- that bench/run.sh reads. Latencies are in microseconds, as wrk measures them.
+-- A script may define bench_extra() to append its own fields (" name=value ...") to that line.
 function done(summary, latency, requests)
   local seconds = summary.duration / 1e6
   local e = summary.errors
+  local extra = ""
+  if bench_extra ~= nil then extra = bench_extra() end
   io.write(string.format(
-    "BENCH requests=%d duration_s=%.3f rps=%.1f p50_us=%.0f p90_us=%.0f p99_us=%.0f max_us=%.0f mean_us=%.0f status_errors=%d socket_errors=%d\n",
+    "BENCH requests=%d duration_s=%.3f rps=%.1f p50_us=%.0f p90_us=%.0f p99_us=%.0f max_us=%.0f mean_us=%.0f status_errors=%d socket_errors=%d%s\n",
     summary.requests, seconds, summary.requests / seconds,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean,
-    e.status, e.connect + e.read + e.write + e.timeout))
+    e.status, e.connect + e.read + e.write + e.timeout, extra))
 end
 
 -- The benchmark's account ids look like Trackunit's (36-character UUIDs): part `run`, number `idx`.
