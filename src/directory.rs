@@ -80,14 +80,13 @@ impl Directory {
         if let Some(client) = self.clients.get(digest) {
             return Ok(Some(client));
         }
-        let generation = self.generation.load(Ordering::Acquire);
-        let found = api_client::find_active(&self.pool, digest).await?.map(Arc::new);
-        if let Some(client) = &found
-            && self.generation.load(Ordering::Acquire) == generation
-        {
-            self.clients.insert(*digest, Arc::clone(client));
-        }
-        Ok(found)
+        let load = async { Ok(api_client::find_active(&self.pool, digest).await?.map(Arc::new)) };
+        self.unless_overtaken(load, |found| {
+            if let Some(client) = found {
+                self.clients.insert(*digest, Arc::clone(client));
+            }
+        })
+        .await
     }
 
     /// The cached client for `digest`, without touching the database (the hot path).
@@ -105,10 +104,22 @@ impl Directory {
         if let Some(found) = self.installations.get(account_id) {
             return Ok(found);
         }
+        let load = async { Ok(Arc::new(installation::for_account(&self.pool, account_id).await?)) };
+        self.unless_overtaken(load, |found| self.installations.insert(account_id.to_owned(), Arc::clone(found))).await
+    }
+
+    /// Runs `load` and hands what it found to `keep` (which caches it), unless an invalidation overtook
+    /// the load: the row may have changed between the query and now, and its NOTIFY has already been
+    /// spent on a cache that did not hold it yet. The generation is read before `load` starts.
+    async fn unless_overtaken<T, E>(
+        &self,
+        load: impl std::future::Future<Output = Result<T, E>>,
+        keep: impl FnOnce(&T),
+    ) -> Result<T, E> {
         let generation = self.generation.load(Ordering::Acquire);
-        let found = Arc::new(installation::for_account(&self.pool, account_id).await?);
+        let found = load.await?;
         if self.generation.load(Ordering::Acquire) == generation {
-            self.installations.insert(account_id.to_owned(), Arc::clone(&found));
+            keep(&found);
         }
         Ok(found)
     }
@@ -186,6 +197,39 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory whose pool never connects: these tests only exercise the caching rules.
+    fn offline_directory() -> Directory {
+        Directory::new(PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("a lazy pool"))
+    }
+
+    #[tokio::test]
+    async fn a_load_that_an_invalidation_overtook_is_not_kept() {
+        let directory = offline_directory();
+        let invalidations: [&dyn Fn(&Directory); 4] = [
+            &|d| d.apply(&Change::Client([1; 32])),
+            &|d| d.apply(&Change::Installation { id: Uuid::nil(), account_id: "a".into() }),
+            &|d| d.forget_account("a"),
+            &|d| d.flush(),
+        ];
+        let mut kept = Vec::new();
+        for invalidate in invalidations {
+            // The invalidation arrives while the query runs: what it read may be the old row.
+            let load = async {
+                invalidate(&directory);
+                Ok::<_, ()>("maybe stale")
+            };
+            assert_eq!(directory.unless_overtaken(load, |found| kept.push(*found)).await, Ok("maybe stale"));
+        }
+        assert!(kept.is_empty(), "nothing read across an invalidation is cached: {kept:?}");
+
+        let load = async { Ok::<_, ()>("current") };
+        assert_eq!(directory.unless_overtaken(load, |found| kept.push(*found)).await, Ok("current"));
+        assert_eq!(kept, ["current"], "an undisturbed load is cached");
+        let failed = directory.unless_overtaken(async { Err::<&str, _>("query failed") }, |found| kept.push(*found));
+        assert_eq!(failed.await, Err("query failed"));
+        assert_eq!(kept, ["current"], "a failed load caches nothing");
+    }
 
     #[test]
     fn parses_both_payload_kinds_and_refuses_garbage() {

@@ -478,6 +478,15 @@ async fn counter(app: &TestApp, internal: u16, series: &str) -> u64 {
     text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
 }
 
+/// `tokenvault_token_waits_total` of a process started by [`serve`], by `on`: shared_table, mint, queued.
+async fn token_waits(app: &TestApp, internal: u16) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for on in ["shared_table", "mint", "queued"] {
+        counts.push(counter(app, internal, &format!("tokenvault_token_waits_total{{on=\"{on}\"}}")).await);
+    }
+    counts
+}
+
 #[tokio::test]
 async fn token_waits_count_the_requests_that_waited_by_what_they_waited_on_and_never_a_memory_hit() {
     let app = spawn_app().await;
@@ -491,13 +500,7 @@ async fn token_waits_count_the_requests_that_waited_by_what_they_waited_on_and_n
             .json(&json!({"account_id": "acc-1", "scopes": [scope]}))
             .send()
     };
-    let waits = || async {
-        let mut counts = Vec::new();
-        for on in ["shared_table", "mint", "queued"] {
-            counts.push(counter(&app, internal, &format!("tokenvault_token_waits_total{{on=\"{on}\"}}")).await);
-        }
-        counts
-    };
+    let waits = || token_waits(&app, internal);
 
     // Another replica (the test's own app) mints scope a into the shared table; the process reads it.
     assert_eq!(app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.status(), 200);
@@ -551,10 +554,7 @@ async fn a_token_in_steady_use_rolls_over_without_any_request_waiting() {
         served.insert(response.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned());
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
-    let mut waits = Vec::new();
-    for on in ["shared_table", "mint", "queued"] {
-        waits.push(counter(&app, internal, &format!("tokenvault_token_waits_total{{on=\"{on}\"}}")).await);
-    }
+    let waits = token_waits(&app, internal).await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(app.upstream.call_count(), 2, "the first mint and one refresh ahead");
