@@ -5,8 +5,9 @@
 # Five parts, each on a fresh database on the DATABASE_URL server, with tokenvault and a fake Trackunit
 # (examples/fake_trackunit.rs) on loopback ports, load from wrk (installed with apt-get when missing):
 #   1. cached POST /v1/tokens vs GET /healthz on the same listener, 64 connections; tokenvault and wrk
-#      pinned to separate cores, wrk at real-time priority: saturating rounds, then paced loads; then
-#      both unpinned for comparison, then instructions per request counted by callgrind
+#      pinned to separate cores, tokenvault's core shielded from other tasks and wrk at real-time
+#      priority: saturating rounds, then paced loads; then both unpinned for comparison, then
+#      instructions per request counted by callgrind
 #   2. three replicas on one database, 300 connections, 50 (account, scope set) keys, 10 s tokens:
 #      upstream calls per token handed out and per token lifetime, duplicate mints, requests that
 #      waited for the upstream, and the latency while tokens roll over
@@ -85,6 +86,7 @@ stop_all() {
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
+  unshield_core
   stop_all
   if [ -z "${BENCH_KEEP_DATABASES:-}" ]; then
     local db
@@ -181,6 +183,59 @@ start_tokenvault() {
 }
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# --- a core for tokenvault alone ---------------------------------------------------------------------------
+# shield_core CPU PID: moves every other task that may run elsewhere off CPU (as `cset shield` would), so
+# that only tokenvault (PID, its threads) and the kernel's per-CPU threads run there; unshield_core puts
+# each task's own mask back (also on exit). Other services of the machine, and the kernel's memory
+# monitor kdamond, otherwise take tokenvault's only core for slices of up to 11 ms (seen with `perf
+# sched timehist` during part 1), and every request in flight waits for them. Needs root; without it,
+# nothing moves and the part says so.
+shielded=()
+declare -A shield_seen=() shield_process_mask=()
+shield_cpu=""
+shield_core() {
+  local cpu=$1 pid=$2 task tid tgid mask new
+  shielded=()
+  shield_seen=()
+  shield_process_mask=()
+  shield_cpu=$cpu
+  [ "$(id -u)" = 0 ] || return 1
+  for task in /proc/[0-9]*/task/[0-9]*; do
+    tid=${task##*/}
+    tgid=${task#/proc/}
+    tgid=${tgid%%/*}
+    shield_seen[$tid]=1
+    [ "$tgid" = "$pid" ] && continue
+    mask=$(taskset -p "$tid" 2>/dev/null) || continue
+    mask=${mask##* }
+    mask=$((16#${mask//,/}))
+    new=$((mask & ~(1 << cpu)))
+    ((new != mask && new != 0)) || continue
+    if taskset -p "$(printf '%x' "$new")" "$tid" >/dev/null 2>&1; then
+      shielded+=("$tid:$(printf '%x' "$mask")")
+      shield_process_mask[$tgid]=${shield_process_mask[$tgid]:-$mask}
+    fi
+  done
+  ((${#shielded[@]} > 0))
+}
+# Threads that a moved process started meanwhile inherited the narrowed mask: they get the process's.
+unshield_core() {
+  local entry tgid task tid mask
+  for entry in ${shielded[@]+"${shielded[@]}"}; do taskset -p "${entry#*:}" "${entry%%:*}" >/dev/null 2>&1 || true; done
+  for tgid in "${!shield_process_mask[@]}"; do
+    for task in /proc/"$tgid"/task/[0-9]*; do
+      tid=${task##*/}
+      [ -n "${shield_seen[$tid]:-}" ] && continue
+      mask=$(taskset -p "$tid" 2>/dev/null) || continue
+      mask=${mask##* }
+      (($((16#${mask//,/})) == (${shield_process_mask[$tgid]} & ~(1 << shield_cpu)))) &&
+        taskset -p "$(printf '%x' "${shield_process_mask[$tgid]}")" "$tid" >/dev/null 2>&1
+    done
+  done
+  shielded=()
+  shield_process_mask=()
+}
 
 # --- PostgreSQL --------------------------------------------------------------------------------------------
 
@@ -460,6 +515,13 @@ part1() {
   new_db p1
   start_fake p1-fake --expires-in 3600
   start_tokenvault p1-tv "$db" ${pin_tv[@]+"${pin_tv[@]}"}
+  if ((pinned)); then
+    if shield_core "$server_cpu" "$tv_pid"; then
+      note "CPU $server_cpu shielded: ${#shielded[@]} other tasks moved off it for the pinned runs (their masks are restored after)"
+    else
+      note "CPU $server_cpu not shielded (needs root): other processes of the machine may take tokenvault's core"
+    fi
+  fi
   local key account body healthz_cpu=0 tokens_cpu=0
   key=$(create_client)
   account=$(bench_account 1 0)
@@ -546,6 +608,7 @@ part1() {
   wrk_pin=()
 
   if ((pinned)); then
+    unshield_core
     say "For comparison: the same two saturating runs unpinned, wrk -t2 sharing both cores with tokenvault"
     stop_pid "$tv_pid"
     forget_pid "$tv_pid"
