@@ -29,13 +29,22 @@ if prefix ~= nil and prefix ~= "" then
       if to ~= nil then seen[string.sub(body, from, to - 1)] = true end
     end
   end
+  -- BENCH_TOKENS_OUT, when set, also gets the tokens themselves, one per line.
   function bench_extra()
     local all, n = {}, 0
+    local out = nil
+    local path = os.getenv("BENCH_TOKENS_OUT")
+    if path ~= nil and path ~= "" then out = assert(io.open(path, "a")) end
     for _, thread in ipairs(threads) do
       for token, _ in pairs(thread:get("seen")) do
-        if not all[token] then all[token] = true; n = n + 1 end
+        if not all[token] then
+          all[token] = true
+          n = n + 1
+          if out ~= nil then out:write(token, "\n") end
+        end
       end
     end
+    if out ~= nil then out:close() end
     return string.format(" tokens_seen=%d", n)
   end
 end
