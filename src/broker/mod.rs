@@ -413,25 +413,23 @@ impl Broker {
         scopes: &ScopeSet,
         want: Want,
     ) -> Result<Obtained, BrokerError> {
+        let satisfies = |token: &Token| match want {
+            Want::FreshFor(min_ttl) => token.fresh_for(min_ttl, Utc::now()),
+            Want::NewerThan(expiry) => token.expires_at > expiry && token.seconds_left(Utc::now()) > 0,
+        };
+        // Most refreshes find the token another replica has just stored. Look first without a mint
+        // permit or the lock, so that only mints hold permits: a burst of refreshes that only read
+        // must not queue for the permits the mints need.
+        if let Some(token) = self.shared(key, &satisfies, &mut *self.pool.acquire().await?).await? {
+            return Ok(Obtained { token, minted: false, stored: true });
+        }
         let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
         let mut tx = self.pool.begin().await?;
         token_cache::lock_key(&mut tx, key.installation_id, &key.scope_key).await?;
-        if let Some(row) =
-            token_cache::get(&mut tx, key.installation_id, &key.scope_key, key.credentials_version).await?
-        {
-            let satisfies = |token: &Token| match want {
-                Want::FreshFor(min_ttl) => token.fresh_for(min_ttl, Utc::now()),
-                Want::NewerThan(expiry) => token.expires_at > expiry && token.seconds_left(Utc::now()) > 0,
-            };
-            match self.open_cached(key, &row) {
-                Ok(token) if satisfies(&token) => {
-                    tx.commit().await?;
-                    metrics::counter!("tokenvault_token_cache_total", "tier" => "database").increment(1);
-                    return Ok(Obtained { token, minted: false, stored: true });
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(error = %error, "cached token unreadable; minting a new one"),
-            }
+        // Again under the lock: another replica may have minted while we waited for it.
+        if let Some(token) = self.shared(key, &satisfies, &mut tx).await? {
+            tx.commit().await?;
+            return Ok(Obtained { token, minted: false, stored: true });
         }
 
         let (client_id, client_secret) = self.open_credentials(installation)?;
@@ -462,6 +460,32 @@ impl Broker {
             token_cache::put(&mut tx, key.installation_id, &key.scope_key, key.credentials_version, &row).await?;
         tx.commit().await?;
         Ok(Obtained { token, minted: true, stored })
+    }
+
+    /// The token in the shared table for `key`, if it satisfies the caller. A row that does not decrypt
+    /// (its key retired) counts as none, and the caller mints; a database error is the caller's, who
+    /// must not mint while the table cannot be read.
+    async fn shared(
+        &self,
+        key: &CacheKey,
+        satisfies: &impl Fn(&Token) -> bool,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<Option<Token>, sqlx::Error> {
+        let Some(row) = token_cache::get(conn, key.installation_id, &key.scope_key, key.credentials_version).await?
+        else {
+            return Ok(None);
+        };
+        match self.open_cached(key, &row) {
+            Ok(token) if satisfies(&token) => {
+                metrics::counter!("tokenvault_token_cache_total", "tier" => "database").increment(1);
+                Ok(Some(token))
+            }
+            Ok(_) => Ok(None),
+            Err(error) => {
+                tracing::warn!(error = %error, "cached token unreadable; minting a new one");
+                Ok(None)
+            }
+        }
     }
 
     fn open_credentials(

@@ -248,3 +248,37 @@ async fn concurrent_mints_are_bounded_so_a_callback_still_finds_a_connection() {
     }
     assert!(started.elapsed() >= delay * 6 - Duration::from_millis(50), "12 mints, 2 at a time: 6 rounds");
 }
+
+#[tokio::test]
+async fn a_token_another_replica_stored_is_read_without_waiting_for_a_mint_permit() {
+    // The tests' pool has 6 connections: 2 mint permits per replica.
+    let app = spawn_app().await;
+    for account in ["acc-0", "acc-1", "acc-2"] {
+        app.install(account).await;
+    }
+    let key = app.client(&["*"], &["*"], false).await;
+    let other = app.replica(&[]).await.unwrap();
+    let ask = |internal: String, account: &'static str| {
+        let (http, key) = (app.http.clone(), key.clone());
+        async move {
+            let body = json!({"account_id": account, "scopes": ["a"]});
+            let sent = Instant::now();
+            let response = http.post(format!("{internal}/v1/tokens")).bearer_auth(&key).json(&body).send().await;
+            (response.unwrap().status().as_u16(), sent.elapsed())
+        }
+    };
+    assert_eq!(ask(other.internal.clone(), "acc-0").await.0, 200, "the other replica mints and stores acc-0's token");
+
+    // Both of this replica's permits held by slow mints of cold keys, then acc-0, which only needs a read.
+    let delay = Duration::from_millis(800);
+    *app.upstream.delay.lock().unwrap() = delay;
+    let mints = futures_util::future::join(ask(app.internal.clone(), "acc-1"), ask(app.internal.clone(), "acc-2"));
+    let read = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        ask(app.internal.clone(), "acc-0").await
+    };
+    let (((first, _), (second, _)), (read_status, read_took)) = tokio::join!(mints, read);
+    assert_eq!((first, second, read_status), (200, 200, 200));
+    assert!(read_took < delay / 2, "reading the shared table waited {read_took:?} behind the mints' permits");
+    assert_eq!(app.upstream.call_count(), 3, "acc-0 was read, not minted again");
+}
