@@ -159,6 +159,11 @@ async fn with_the_database_down_cached_tokens_keep_being_served_and_callbacks_re
         assert_eq!(status, 200, "{during}");
         assert_eq!(during["access_token"], before["access_token"]);
     }
+    // A scope not in memory needs the shared table: it is refused, and nothing is minted that could
+    // not be stored for the other replicas.
+    let cold = json!({"account_id": "acc-1", "scopes": ["b"]});
+    assert_eq!(timed(&app, &key, &cold).await.0, 503);
+    assert_eq!(app.upstream.call_count(), 1, "a mint while the shared table cannot be read");
     let response = app.callback(Some(&identity()), &installed_body("acc-2", &credentials())).await;
     assert_problem(response, 503, "database_unavailable").await;
 
