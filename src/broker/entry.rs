@@ -78,6 +78,10 @@ impl Entry {
         !self.refreshing.swap(true, Ordering::AcqRel)
     }
 
+    pub fn is_refreshing(&self) -> bool {
+        self.refreshing.load(Ordering::Acquire)
+    }
+
     pub fn release_refresh(&self) {
         self.refreshing.store(false, Ordering::Release);
     }

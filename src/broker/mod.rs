@@ -262,6 +262,7 @@ impl Broker {
         if let Some(token) = self.fresh_from_memory(&key, installation, scopes, min_ttl) {
             return Ok(token);
         }
+        self.trace_wait(&key, min_ttl);
         let flight = self.flights.get_with(key.clone(), Default::default);
         let _turn = flight.lock().await;
         // Whoever held the mutex before us may have just stored what we need.
@@ -346,17 +347,31 @@ impl Broker {
     /// Replaces `entry`'s token, still in demand, before it runs short, off the request path.
     fn spawn_refresh(self: &Arc<Self>, key: CacheKey, installation: Installation, scopes: ScopeSet, entry: Arc<Entry>) {
         let broker = Arc::clone(self);
+        let claimed_at = std::time::Instant::now();
         self.runtime.spawn(async move {
             let flight = broker.flights.get_with(key.clone(), Default::default);
             let _turn = flight.lock().await;
+            let turn_ms = claimed_at.elapsed().as_millis() as u64;
             let replaced = broker.memory.get(&key).is_some_and(|current| !Arc::ptr_eq(&current, &entry));
             if replaced || broker.backoff.remaining(&key).is_some() {
                 // Someone refreshed it meanwhile, or the upstream is failing: a later request may try again.
+                tracing::debug!(installation.id = %installation.id, replaced, turn_ms, "refresh ahead not needed");
                 entry.release_refresh();
                 return;
             }
             metrics::counter!("tokenvault_token_refresh_ahead_total").increment(1);
-            match broker.shared_or_mint(&installation, &key, &scopes, Want::NewerThan(entry.token.expires_at)).await {
+            let outcome = broker.shared_or_mint(&installation, &key, &scopes, Want::NewerThan(entry.token.expires_at)).await;
+            // Why a refresh lands late, if it does: the wait for its turn, or the lookup and mint after it.
+            tracing::debug!(
+                installation.id = %installation.id,
+                scopes = %key.scope_key,
+                turn_ms,
+                total_ms = claimed_at.elapsed().as_millis() as u64,
+                minted = outcome.as_ref().is_ok_and(|o| o.minted),
+                old_left_ms = entry.token.left(Utc::now()).map_or(0, |left| left.as_millis() as u64),
+                "refresh ahead finished"
+            );
+            match outcome {
                 Ok(Obtained { token, stored: true, .. }) => {
                     broker.backoff.succeeded(&key);
                     broker.remember(key, Arc::new(token), Duration::ZERO);
@@ -373,6 +388,25 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// Logs, at debug, what memory held for a request about to wait: whether a refresh was under way and
+    /// how much life the token there had left, to tell a refresh that came late from one never started.
+    fn trace_wait(&self, key: &CacheKey, min_ttl: Duration) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let entry = self.memory.get(key);
+        tracing::debug!(
+            installation.id = %key.installation_id,
+            scopes = %key.scope_key,
+            min_ttl_ms = min_ttl.as_millis() as u64,
+            in_memory = entry.is_some(),
+            refreshing = entry.as_ref().is_some_and(|e| e.is_refreshing()),
+            left_ms = entry.as_ref().and_then(|e| e.token.left(Utc::now())).map_or(0, |left| left.as_millis() as u64),
+            threshold_ms = entry.as_ref().map_or(0, |e| e.refresh_threshold().as_millis() as u64),
+            "token request waits: no token fresh enough in memory"
+        );
     }
 
     /// A token that is still valid at all (memory first, then the shared table), for when the upstream
