@@ -5,11 +5,12 @@
 //!   mints a new unique token valid for `--expires-in` seconds, after `--delay-ms` milliseconds. Tokens
 //!   read `fake-at-e<epoch>-<n>-<random>`, where the epoch counts the resets below.
 //! - `GET /stats`: `{"epoch": n, "mints_total": n, "mints_per_key": {"<client_id>|<scope>": n, ...}, "jwks_fetches": n,
-//!   "distinct_keys": n, "per_key_min": n, "per_key_max": n, "duplicate_mints": n, "shortest_gap_ms": n}`
-//!   (the last five summarise `mints_per_key`, so a shell script can read them without a JSON parser).
+//!   "distinct_keys": n, "per_key_min": n, "per_key_max": n, "duplicate_mints": n, "shortest_gap_ms": n,
+//!   "mean_gap_ms": n}` (the last six summarise `mints_per_key`, so a shell script can read them without a
+//!   JSON parser).
 //!   `duplicate_mints` counts mints that came less than a second after the previous mint of the same key:
 //!   two processes minting the same token instead of one. `shortest_gap_ms` is the shortest time between
-//!   two mints of one key (-1 before any key was minted twice).
+//!   two mints of one key (-1 before any key was minted twice), `mean_gap_ms` the mean over all keys.
 //! - `POST /reset`: sets every counter back to zero.
 //!
 //! `--print-identity` prints a `Trackunit-Identity` JWT (RS256, kid `rsa-a`, `iat` now, `exp` now + 3600,
@@ -74,6 +75,10 @@ struct KeyMints {
     count: u64,
     last: Option<std::time::Instant>,
     shortest_gap: Option<Duration>,
+    /// Sum and number of the gaps between consecutive mints: their mean is how often the key is renewed,
+    /// free of how a measurement window happens to cut its mints.
+    gaps_total: Duration,
+    gaps: u64,
     duplicates: u64,
 }
 
@@ -82,6 +87,8 @@ impl KeyMints {
         if let Some(last) = self.last {
             let gap = at.saturating_duration_since(last);
             self.shortest_gap = Some(self.shortest_gap.map_or(gap, |shortest| shortest.min(gap)));
+            self.gaps_total += gap;
+            self.gaps += 1;
             if gap < DUPLICATE_WINDOW {
                 self.duplicates += 1;
             }
@@ -145,11 +152,15 @@ async fn stats(state: web::Data<State>) -> HttpResponse {
     let per_key: BTreeMap<String, u64> = keys.iter().map(|(k, v)| (k.clone(), v.count)).collect();
     let duplicates: u64 = keys.values().map(|k| k.duplicates).sum();
     let shortest_gap_ms = keys.values().filter_map(|k| k.shortest_gap).min().map_or(-1, |gap| gap.as_millis() as i64);
+    let gaps: u64 = keys.values().map(|k| k.gaps).sum();
+    let gaps_total: Duration = keys.values().map(|k| k.gaps_total).sum();
+    let mean_gap_ms = if gaps == 0 { -1 } else { (gaps_total / gaps as u32).as_millis() as i64 };
     drop(keys);
     HttpResponse::Ok().json(json!({
         "epoch": state.stats.epoch.load(Ordering::Relaxed),
         "duplicate_mints": duplicates,
         "shortest_gap_ms": shortest_gap_ms,
+        "mean_gap_ms": mean_gap_ms,
         "mints_total": state.stats.mints_total.load(Ordering::Relaxed),
         "jwks_fetches": state.stats.jwks_fetches.load(Ordering::Relaxed),
         "distinct_keys": per_key.len(),
