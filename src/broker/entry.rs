@@ -147,6 +147,15 @@ mod tests {
     }
 
     #[test]
+    fn tokens_minted_together_are_refreshed_at_spread_times() {
+        // 50 tokens minted at once (a restart, an install storm), each with a jitter of 0 to 60 s: all
+        // of them within 30 s of each other would take a chance of about 1e-13.
+        let thresholds: Vec<Duration> = (0..50).map(|_| entry(3600, 60).refresh_threshold()).collect();
+        let spread = *thresholds.iter().max().unwrap() - *thresholds.iter().min().unwrap();
+        assert!(spread >= Duration::from_secs(30), "refreshes would fall together: spread {spread:?}");
+    }
+
+    #[test]
     fn a_demand_beyond_the_lifetime_does_not_refresh_continuously() {
         let e = entry(300, 86_400);
         assert!(e.refresh_threshold() < Duration::from_secs(300));

@@ -378,6 +378,8 @@ impl Broker {
                     // Also when the cache had already evicted it, so `remember` could not mark it.
                     entry.supersede();
                 }
+                // The installation changed or stopped being active meanwhile, and its tokens are being
+                // forgotten: the claim stays, since no refresh of this key could be stored any more.
                 Ok(Obtained { stored: false, .. }) => {}
                 Err(error) => {
                     if let Some(asked) = error.upstream_wait() {
