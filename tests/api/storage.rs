@@ -117,3 +117,38 @@ async fn three_replicas_asked_at_once_for_a_cold_key_mint_exactly_once() {
     assert_eq!(tokens.len(), 1, "every replica handed out the same token");
     assert_eq!(app.upstream.call_count(), 1, "one mint across three replicas");
 }
+
+#[tokio::test]
+async fn a_cached_token_moved_into_another_keys_row_does_not_decrypt_and_is_never_handed_out() {
+    // token_cache rows are sealed with their key (installation, credentials version, scope set) as
+    // associated data, as credentials are: a ciphertext copied from another row must not open.
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    app.install("acc-2").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let token_for = |response: serde_json::Value| response["access_token"].as_str().unwrap().to_owned();
+    let body_1 = json!({"account_id": "acc-1", "scopes": ["a"]});
+    let first = token_for(app.token(&key, &body_1).await.json().await.unwrap());
+    let other =
+        token_for(app.token(&key, &json!({"account_id": "acc-2", "scopes": ["a"]})).await.json().await.unwrap());
+    let moved = sqlx::query(
+        "update token_cache set access_token_ciphertext =
+            (select t.access_token_ciphertext from token_cache t join installation i on i.id = t.installation_id
+             where i.account_id = 'acc-2')
+         where installation_id = (select id from installation where account_id = 'acc-1')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+
+    // A replica with nothing in memory has to read acc-1's row.
+    let replica = app.replica(&[]).await.unwrap();
+    let response =
+        app.http.post(format!("{}/v1/tokens", replica.internal)).bearer_auth(&key).json(&body_1).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let served = token_for(response.json().await.unwrap());
+    assert_ne!(served, other, "acc-2's token was handed out for acc-1");
+    assert_ne!(served, first);
+    assert_eq!(app.upstream.call_count(), 3, "the unreadable row is replaced by a mint");
+}

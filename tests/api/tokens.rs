@@ -315,3 +315,39 @@ async fn an_upstream_asking_for_a_long_wait_gives_503_passing_its_retry_after_on
     assert_problem(response, 503, "upstream_unavailable").await;
     assert_eq!(app.upstream.call_count(), 1, "no retry inside the request when told to wait two minutes");
 }
+
+#[tokio::test]
+async fn the_in_memory_token_cache_keeps_at_most_its_capacity() {
+    // Ten keys on two replicas, one holding at most 2 tokens in memory and one the default. The shared
+    // rows are then made unreadable, so a key no longer in a replica's memory costs a mint: the mints
+    // count what each replica had let go of.
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let small = app.replica(&[("TOKENVAULT_TOKEN_CACHE_CAPACITY", "2")]).await.unwrap();
+    let large = app.replica(&[]).await.unwrap();
+    let scopes: Vec<String> = (0..10).map(|i| format!("scope.{i}")).collect();
+    let ask_all = |url: String| {
+        let (app, key, scopes) = (&app, &key, &scopes);
+        async move {
+            for scope in scopes {
+                let body = request("acc-1", &[scope.as_str()]);
+                let response =
+                    app.http.post(format!("{url}/v1/tokens")).bearer_auth(key).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        }
+    };
+    ask_all(small.internal.clone()).await;
+    ask_all(large.internal.clone()).await;
+    assert_eq!(app.upstream.call_count(), 10);
+    sqlx::query("update token_cache set access_token_ciphertext = 'garbled'::bytea").execute(&app.pool).await.unwrap();
+    // moka evicts in its housekeeping, which the next cache operation runs once 300 ms have passed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    ask_all(large.internal.clone()).await;
+    assert_eq!(app.upstream.call_count(), 10, "the default capacity keeps all ten in memory");
+    ask_all(small.internal.clone()).await;
+    let minted = app.upstream.call_count() - 10;
+    assert!(minted >= 8, "a replica with capacity 2 kept {} of 10 tokens in memory", 10 - minted);
+}
