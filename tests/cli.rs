@@ -235,14 +235,20 @@ async fn serve(app: &TestApp) -> (std::process::Child, u16, u16) {
 
 /// [`serve`] against another database.
 async fn serve_on(app: &TestApp, database_url: &str) -> (std::process::Child, u16, u16) {
+    serve_logging_to(app, database_url, Stdio::null()).await
+}
+
+/// [`serve_on`], its log (at `info`) going to `log`.
+async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdio>) -> (std::process::Child, u16, u16) {
     let (public, internal) = (free_port(), free_port());
     let mut child = tokenvault_for(app)
         .arg("serve")
         .env("DATABASE_URL", database_url)
         .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
         .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     for _ in 0..100 {
@@ -560,4 +566,43 @@ async fn a_token_in_steady_use_rolls_over_without_any_request_waiting() {
     assert_eq!(app.upstream.call_count(), 2, "the first mint and one refresh ahead");
     assert_eq!(served.len(), 2, "both tokens were handed out");
     assert_eq!(waits, [0, 1, 0], "only the very first request waited (for its mint); none at the rollover");
+}
+
+#[tokio::test]
+async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 6 }]);
+    let log_path = std::env::temp_dir().join(format!("tokenvault-degraded-{}.log", uuid::Uuid::new_v4().simple()));
+    let (mut child, _, internal) =
+        serve_logging_to(&app, &app.database_url, std::fs::File::create(&log_path).unwrap()).await;
+    let ask = |min_ttl: u64| {
+        app.http
+            .post(format!("http://127.0.0.1:{internal}/v1/tokens"))
+            .bearer_auth(&key)
+            .json(&json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": min_ttl}))
+            .send()
+    };
+    let degraded = || counter(&app, internal, "tokenvault_token_served_degraded_total");
+    let first: serde_json::Value = ask(0).await.unwrap().json().await.unwrap();
+    assert_eq!(degraded().await, 0);
+
+    // 2.5 s left is short of the 3 s asked (min(4 s, half of 6 s)): a mint is due, and it fails.
+    app.upstream.set(vec![Upstream::Fail { status: 503, body: json!({}) }]);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let response = ask(4).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let served: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(served["access_token"], first["access_token"], "the still-valid token");
+    assert_eq!(degraded().await, 1);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        log.lines()
+            .any(|line| line.contains("WARN") && line.contains("serving a still-valid token while the upstream fails")),
+        "no warning in the log:\n{log}"
+    );
 }
