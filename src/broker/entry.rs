@@ -1,5 +1,5 @@
-//! One cached token and what we know of its demand: the largest `min_ttl` asked of it, and whether a
-//! background refresh is under way.
+//! One cached token and what we know of its demand: the largest `min_ttl` asked of it recently, and
+//! whether a background refresh is under way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +13,11 @@ use super::token::Token;
 pub(super) struct Entry {
     pub token: Arc<Token>,
     /// Largest `min_ttl` (seconds) asked of this token.
-    demand_secs: AtomicU64,
+    asked_secs: AtomicU64,
+    /// Largest `min_ttl` (seconds) asked of the token this one replaced, which holds until this token's
+    /// own callers say more. One generation only: a `min_ttl` that nobody asks again stops setting the
+    /// refresh time after one lifetime, instead of renewing every later token early.
+    inherited_secs: u64,
     refreshing: AtomicBool,
     /// Set once a newer token replaced this one, so a holder of this entry outside the cache (a remembered
     /// request, see `routes::repeat`) stops serving it.
@@ -33,12 +37,14 @@ fn margin(lifetime: Duration) -> Duration {
 }
 
 impl Entry {
-    pub fn new(token: Arc<Token>, demand: Duration) -> Self {
+    /// `inherited`: what was asked of the token this one replaces (see [`Entry::asked`]).
+    pub fn new(token: Arc<Token>, inherited: Duration) -> Self {
         let margin = margin(token.lifetime());
         let jitter_ms = rand::rng().random_range(0..=margin.as_millis().max(1) as u64);
         Self {
             token,
-            demand_secs: AtomicU64::new(demand.as_secs()),
+            asked_secs: AtomicU64::new(0),
+            inherited_secs: inherited.as_secs(),
             refreshing: AtomicBool::new(false),
             superseded: AtomicBool::new(false),
             jitter: Duration::from_millis(jitter_ms),
@@ -54,11 +60,17 @@ impl Entry {
     }
 
     pub fn note_demand(&self, min_ttl: Duration) {
-        self.demand_secs.fetch_max(min_ttl.as_secs(), Ordering::Relaxed);
+        self.asked_secs.fetch_max(min_ttl.as_secs(), Ordering::Relaxed);
     }
 
+    /// The largest `min_ttl` asked of this token itself: what its successor inherits.
+    pub fn asked(&self) -> Duration {
+        Duration::from_secs(self.asked_secs.load(Ordering::Relaxed))
+    }
+
+    /// The largest `min_ttl` asked recently: of this token, or of the one it replaced.
     pub fn demand(&self) -> Duration {
-        Duration::from_secs(self.demand_secs.load(Ordering::Relaxed))
+        Duration::from_secs(self.asked_secs.load(Ordering::Relaxed).max(self.inherited_secs))
     }
 
     /// Remaining life under which a refresh starts: the demand (capped at half the lifetime, as
@@ -121,10 +133,28 @@ mod tests {
     use secrecy::SecretString;
 
     fn entry(lifetime_secs: i64, demand_secs: u64) -> Entry {
+        let entry = successor(lifetime_secs, Duration::ZERO);
+        entry.note_demand(Duration::from_secs(demand_secs));
+        entry
+    }
+
+    fn successor(lifetime_secs: i64, inherited: Duration) -> Entry {
         let issued_at = Utc::now();
         let expires_at = issued_at + chrono::Duration::seconds(lifetime_secs);
         let token = Token::new(SecretString::from("t"), "Bearer".into(), "a".into(), issued_at, expires_at);
-        Entry::new(Arc::new(token), Duration::from_secs(demand_secs))
+        Entry::new(Arc::new(token), inherited)
+    }
+
+    #[test]
+    fn a_min_ttl_nobody_asks_again_sets_the_refresh_time_for_one_more_token_only() {
+        let first = entry(3600, 1500);
+        let second = successor(3600, first.asked());
+        assert!(second.refresh_threshold() >= Duration::from_secs(1500), "inherited for one token");
+        second.note_demand(Duration::from_secs(60));
+        let third = successor(3600, second.asked());
+        assert!(third.refresh_threshold() <= Duration::from_secs(180), "{:?}", third.refresh_threshold());
+        third.note_demand(Duration::from_secs(1500));
+        assert!(third.refresh_threshold() >= Duration::from_secs(1500), "asked again, it counts again");
     }
 
     #[test]

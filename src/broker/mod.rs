@@ -333,15 +333,17 @@ impl Broker {
         Some(Arc::clone(&entry.token))
     }
 
-    /// Caches `token`, carrying over the demand known for the token it replaces.
+    /// Caches `token` for a request that asked `min_ttl` of it (zero for a refresh). It inherits what was
+    /// asked of the token it replaces, so that its refresh time follows the demand from the start.
     fn remember(&self, key: CacheKey, token: Arc<Token>, min_ttl: Duration) {
         let old = self.memory.get(&key);
-        let demand = old.as_ref().map_or(min_ttl, |old| old.demand().max(min_ttl));
+        let entry = Entry::new(token, old.as_ref().map_or(Duration::ZERO, |old| old.asked()));
+        entry.note_demand(min_ttl);
         if let Some(old) = old {
             old.supersede();
         }
         self.holders.insert(key.installation_id, ());
-        self.memory.insert(key, Arc::new(Entry::new(token, demand)));
+        self.memory.insert(key, Arc::new(entry));
     }
 
     /// Replaces `entry`'s token, still in demand, before it runs short, off the request path.

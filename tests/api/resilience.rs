@@ -43,6 +43,36 @@ async fn a_token_in_demand_is_refreshed_in_the_background_so_no_request_waits_fo
 }
 
 #[tokio::test]
+async fn a_min_ttl_asked_once_renews_early_for_one_more_token_then_no_longer() {
+    // 6 s tokens, asked for all the time with min_ttl 0, and once with 3 s (half the lifetime) at the
+    // start. Refresh ahead renews a token once demand + margin (0.6 s) + jitter (0 to 0.6 s) is left:
+    // - the first token, asked 3 s, at 1.8 to 2.4 s of age; the second, which inherits the 3 s, as early;
+    // - the third, whose predecessor nobody asked more than 0, only at 4.8 to 5.4 s of age.
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    app.upstream.set(vec![Upstream::Mint { expires_in: 6 }]);
+    let ask = |min_ttl: u64| json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": min_ttl});
+    assert_eq!(timed(&app, &key, &ask(0)).await.0, 200);
+    assert_eq!(timed(&app, &key, &ask(3)).await.0, 200);
+    let first_mint = app.upstream.arrivals.lock().unwrap()[0];
+    while first_mint.elapsed() < Duration::from_millis(7800) {
+        assert_eq!(timed(&app, &key, &ask(0)).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ages: Vec<Duration> = {
+        let arrivals = app.upstream.arrivals.lock().unwrap();
+        arrivals.windows(2).map(|pair| pair[1] - pair[0]).collect()
+    };
+    assert!(ages.len() >= 2, "the first two tokens were renewed: {ages:?}");
+    assert!(ages[0] < Duration::from_millis(3000), "the 3 s asked renews the first token early: {ages:?}");
+    assert!(ages[1] < Duration::from_millis(3000), "and the second, which inherits it: {ages:?}");
+    // The third token, minted by 4.8 s, is renewed only after 4.8 s of age: none by 7.8 s, where it would
+    // have been by 7.2 s if the 3 s were still inherited.
+    assert_eq!(ages.len(), 2, "the third token was renewed early, the demand did not fade: {ages:?}");
+}
+
+#[tokio::test]
 async fn a_token_nobody_asks_for_is_not_refreshed() {
     let app = spawn_app().await;
     app.install("acc-1").await;
