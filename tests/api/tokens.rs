@@ -338,16 +338,34 @@ async fn the_in_memory_token_cache_keeps_at_most_its_capacity() {
             }
         }
     };
-    ask_all(small.internal.clone()).await;
-    ask_all(large.internal.clone()).await;
+    // Twice: the second asking is a memory hit, which the replica also remembers as a repeated request
+    // (`routes::repeat`). Those hold their token weakly, so they must not keep it in memory either.
+    for _ in 0..2 {
+        ask_all(small.internal.clone()).await;
+        ask_all(large.internal.clone()).await;
+    }
     assert_eq!(app.upstream.call_count(), 10);
     sqlx::query("update token_cache set access_token_ciphertext = 'garbled'::bytea").execute(&app.pool).await.unwrap();
-    // moka evicts in its housekeeping, which the next cache operation runs once 300 ms have passed.
+    // moka evicts in its housekeeping, which the next cache operation runs once 300 ms have passed. A
+    // repeated request makes none (it reaches its entry through its lease), so a new key makes one first.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    for replica in [&small, &large] {
+        let body = request("acc-1", &["another.scope"]);
+        let response = app
+            .http
+            .post(format!("{}/v1/tokens", replica.internal))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let before = app.upstream.call_count();
 
     ask_all(large.internal.clone()).await;
-    assert_eq!(app.upstream.call_count(), 10, "the default capacity keeps all ten in memory");
+    assert_eq!(app.upstream.call_count(), before, "the default capacity keeps all ten in memory");
     ask_all(small.internal.clone()).await;
-    let minted = app.upstream.call_count() - 10;
+    let minted = app.upstream.call_count() - before;
     assert!(minted >= 8, "a replica with capacity 2 kept {} of 10 tokens in memory", 10 - minted);
 }
