@@ -228,18 +228,41 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
     assert!(next_line.contains("primary") && next_line.split_whitespace().nth(2) == Some("1"), "{status}");
 }
 
+/// A `tokenvault serve` process, killed when dropped: a test that fails half-way leaves none behind.
+struct Served(std::process::Child);
+
+impl std::ops::Deref for Served {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Served {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `tokenvault serve` for `app` on free ports and waits until it answers; returns it and its ports.
-async fn serve(app: &TestApp) -> (std::process::Child, u16, u16) {
+async fn serve(app: &TestApp) -> (Served, u16, u16) {
     serve_on(app, &app.database_url).await
 }
 
 /// [`serve`] against another database.
-async fn serve_on(app: &TestApp, database_url: &str) -> (std::process::Child, u16, u16) {
+async fn serve_on(app: &TestApp, database_url: &str) -> (Served, u16, u16) {
     serve_logging_to(app, database_url, Stdio::null()).await
 }
 
 /// [`serve_on`], its log (at `info`) going to `log`.
-async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdio>) -> (std::process::Child, u16, u16) {
+async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdio>) -> (Served, u16, u16) {
     let (public, internal) = (free_port(), free_port());
     let mut child = tokenvault_for(app)
         .arg("serve")
@@ -254,7 +277,7 @@ async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdi
     for _ in 0..100 {
         let ready = app.http.get(format!("http://127.0.0.1:{public}/readyz")).send().await;
         if ready.is_ok_and(|r| r.status() == 200) {
-            return (child, public, internal);
+            return (Served(child), public, internal);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -312,7 +335,7 @@ async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_
     assert!(lost > 0, "some callbacks were in flight when the process died");
 
     // After a restart, every acknowledged install is there and decrypts to what was sent.
-    let (mut restarted, _, _) = serve(&app).await;
+    let (_restarted, _, _) = serve(&app).await;
     let ring = tokenvault::crypto::KeyRing::parse(&app.encryption_keys).unwrap();
     for (account, credentials) in &acknowledged {
         let (key_id, sealed): (String, Vec<u8>) = sqlx::query_as(
@@ -328,8 +351,6 @@ async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_
         assert_eq!(secrecy::ExposeSecret::expose_secret(&secret), credentials.client_secret);
     }
     eprintln!("{} acknowledged and stored, {lost} cut off by the kill", acknowledged.len());
-    let _ = restarted.kill();
-    let _ = restarted.wait();
 }
 
 /// A PostgreSQL cluster of this test's own, so it can really be restarted without disturbing others.
@@ -498,7 +519,7 @@ async fn token_waits_count_the_requests_that_waited_by_what_they_waited_on_and_n
     let app = spawn_app().await;
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
-    let (mut child, _, internal) = serve(&app).await;
+    let (_served, _, internal) = serve(&app).await;
     let ask = |scope: &'static str| {
         app.http
             .post(format!("http://127.0.0.1:{internal}/v1/tokens"))
@@ -526,8 +547,6 @@ async fn token_waits_count_the_requests_that_waited_by_what_they_waited_on_and_n
     assert_eq!((first.unwrap().status().as_u16(), second.unwrap().status().as_u16()), (200, 200));
     assert_eq!(waits().await, [1, 2, 1], "the second request waited for the first one's mint");
     assert_eq!(app.upstream.call_count(), 3, "scope a once, b once, c once");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test]
