@@ -596,21 +596,20 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
     let log_path = std::env::temp_dir().join(format!("tokenvault-degraded-{}.log", uuid::Uuid::new_v4().simple()));
     let (mut child, _, internal) =
         serve_logging_to(&app, &app.database_url, std::fs::File::create(&log_path).unwrap()).await;
+    let base = format!("http://127.0.0.1:{internal}");
     let ask = |min_ttl: u64| {
-        app.http
-            .post(format!("http://127.0.0.1:{internal}/v1/tokens"))
-            .bearer_auth(&key)
-            .json(&json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": min_ttl}))
-            .send()
+        let body = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": min_ttl});
+        let (app, base, key) = (&app, &base, &key);
+        async move { app.token_at(base, key, &body).await }
     };
     let degraded = || counter(&app, internal, "tokenvault_token_served_degraded_total");
-    let first: serde_json::Value = ask(0).await.unwrap().json().await.unwrap();
+    let first: serde_json::Value = ask(0).await.json().await.unwrap();
     assert_eq!(degraded().await, 0);
 
     // 2.5 s left is short of the 3 s asked (min(4 s, half of 6 s)): a mint is due, and it fails.
     app.upstream.set(vec![Upstream::Fail { status: 503, body: json!({}) }]);
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let response = ask(4).await.unwrap();
+    let response = ask(4).await;
     assert_eq!(response.status(), 200);
     let served: serde_json::Value = response.json().await.unwrap();
     assert_eq!(served["access_token"], first["access_token"], "the still-valid token");

@@ -487,7 +487,12 @@ impl TestApp {
     }
 
     pub async fn token(&self, key: &str, body: &Value) -> reqwest::Response {
-        self.http.post(format!("{}/v1/tokens", self.internal)).bearer_auth(key).json(body).send().await.unwrap()
+        self.token_at(&self.internal, key, body).await
+    }
+
+    /// [`TestApp::token`] from another replica (or process): `base` is its internal listener's URL.
+    pub async fn token_at(&self, base: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.http.post(format!("{base}/v1/tokens")).bearer_auth(key).json(body).send().await.unwrap()
     }
 
     /// Every installation row as JSON text (ciphertext hex-encoded), to compare database states.

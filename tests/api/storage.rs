@@ -81,15 +81,9 @@ async fn a_cached_token_is_shared_through_the_database_by_another_process() {
         app.token(&key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.json().await.unwrap();
 
     let replica = app.replica(&[]).await.unwrap();
-    let replica_url = replica.internal;
     let second: serde_json::Value = app
-        .http
-        .post(format!("{replica_url}/v1/tokens"))
-        .bearer_auth(&key)
-        .json(&json!({"account_id": "acc-1", "scopes": ["a"]}))
-        .send()
+        .token_at(&replica.internal, &key, &json!({"account_id": "acc-1", "scopes": ["a"]}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -144,8 +138,7 @@ async fn a_cached_token_moved_into_another_keys_row_does_not_decrypt_and_is_neve
 
     // A replica with nothing in memory has to read acc-1's row.
     let replica = app.replica(&[]).await.unwrap();
-    let response =
-        app.http.post(format!("{}/v1/tokens", replica.internal)).bearer_auth(&key).json(&body_1).send().await.unwrap();
+    let response = app.token_at(&replica.internal, &key, &body_1).await;
     assert_eq!(response.status(), 200);
     let served = token_for(response.json().await.unwrap());
     assert_ne!(served, other, "acc-2's token was handed out for acc-1");

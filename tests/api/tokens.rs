@@ -331,10 +331,7 @@ async fn the_in_memory_token_cache_keeps_at_most_its_capacity() {
         let (app, key, scopes) = (&app, &key, &scopes);
         async move {
             for scope in scopes {
-                let body = request("acc-1", &[scope.as_str()]);
-                let response =
-                    app.http.post(format!("{url}/v1/tokens")).bearer_auth(key).json(&body).send().await.unwrap();
-                assert_eq!(response.status(), 200);
+                assert_eq!(app.token_at(&url, key, &request("acc-1", &[scope.as_str()])).await.status(), 200);
             }
         }
     };
@@ -350,16 +347,7 @@ async fn the_in_memory_token_cache_keeps_at_most_its_capacity() {
     // repeated request makes none (it reaches its entry through its lease), so a new key makes one first.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for replica in [&small, &large] {
-        let body = request("acc-1", &["another.scope"]);
-        let response = app
-            .http
-            .post(format!("{}/v1/tokens", replica.internal))
-            .bearer_auth(&key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        assert_eq!(app.token_at(&replica.internal, &key, &request("acc-1", &["another.scope"])).await.status(), 200);
     }
     let before = app.upstream.call_count();
 
