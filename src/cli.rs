@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `keys`, `clients`, `installations`.
+//! The command line: `serve`, `migrate`, `keys`, `clients`, `installations`, `identity`.
 //! Exit codes: 0 ok, 2 usage error (clap), 1 any other failure with a one-line message naming the cause.
 
 use std::path::PathBuf;
@@ -46,6 +46,9 @@ pub enum Command {
     /// Installed Trackunit accounts.
     #[command(subcommand)]
     Installations(InstallationsCommand),
+    /// What the callbacks' identity tokens carry.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +84,10 @@ pub enum ClientsCommand {
         /// A scope the client may ask for, or '*' for all. Repeat for several.
         #[arg(long = "scope", value_name = "SCOPE|*")]
         scopes: Vec<String>,
+        /// A Trackunit app (irisAppId) the client may get tokens of, or '*' for all. Repeat for several.
+        /// Without it, every app.
+        #[arg(long = "app", value_name = "APP|*")]
+        apps: Vec<String>,
         /// Allow the admin API (list and revoke installations).
         #[arg(long)]
         admin: bool,
@@ -95,6 +102,19 @@ pub enum ClientsCommand {
 pub enum InstallationsCommand {
     /// List installations: app, account, status, timestamps. Never a secret or a client id.
     List,
+    /// Make a rejected installation (the token endpoint answered invalid_client) active again now,
+    /// instead of waiting for its next probe. Use it when you know the credentials work again.
+    Reactivate {
+        /// The installation's id (see `installations list`).
+        id: uuid::Uuid,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// The sets of claim names (never values) that verified Trackunit-Identity tokens carried, newest
+    /// first: which claims TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS could require.
+    Claims,
 }
 
 /// Runs the parsed command.
@@ -114,6 +134,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Clients(command) => clients(command, &settings).await,
         Command::Installations(InstallationsCommand::List) => list_installations(&settings).await,
+        Command::Installations(InstallationsCommand::Reactivate { id }) => reactivate(&settings, id).await,
+        Command::Identity(IdentityCommand::Claims) => identity_claims(&settings).await,
         Command::Keys(KeysCommand::Rotate { batch_size }) => rotate(&settings, batch_size).await,
         Command::Keys(KeysCommand::Status) => key_status(&settings).await,
         Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
@@ -185,35 +207,45 @@ fn grants(values: Vec<String>, what: &str, check: impl Fn(&str) -> bool) -> anyh
 async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     match command {
-        ClientsCommand::Create { name, accounts, scopes, admin } => {
+        ClientsCommand::Create { name, accounts, scopes, apps, admin } => {
             TextField::parse(name.as_str()).map_err(|e| anyhow::anyhow!("--name {e}"))?;
             let accounts = grants(accounts, "--account", |a| TextField::parse(a).is_ok())?;
             let scopes = grants(scopes, "--scope", |s| Scope::parse(s).is_ok())?;
+            let mut apps = grants(apps, "--app", |a| TextField::parse(a).is_ok())?;
+            if apps.is_empty() {
+                apps.push(api_client::WILDCARD.to_owned());
+            }
             anyhow::ensure!(
                 admin || (!accounts.is_empty() && !scopes.is_empty()),
                 "give at least one --account and one --scope (or '*'), or --admin: this client could do nothing"
             );
             let key = ServiceKey::generate();
-            let client = api_client::create(&pool, &name, &key.sha256(), &accounts, &scopes, admin).await?;
+            let grants = api_client::Grants { accounts, scopes, apps, admin };
+            let client = api_client::create(&pool, &name, &key.sha256(), &grants).await?;
             println!(
-                "created client {} (accounts: {}; scopes: {}; admin: {}). Its key is shown once, below:",
+                "created client {} (accounts: {}; scopes: {}; apps: {}; admin: {}). Its key is shown once, below:",
                 client.name,
                 display_list(&client.accounts),
                 display_list(&client.scopes),
+                display_list(&client.apps),
                 client.admin
             );
             println!("{}", key.expose());
         }
         ClientsCommand::List => {
-            println!("{:<24} {:<8} {:<6} {:<26} {:<30} SCOPES", "NAME", "STATUS", "ADMIN", "CREATED", "ACCOUNTS");
+            println!(
+                "{:<24} {:<8} {:<6} {:<26} {:<30} {:<24} SCOPES",
+                "NAME", "STATUS", "ADMIN", "CREATED", "ACCOUNTS", "APPS"
+            );
             for client in api_client::list(&pool).await? {
                 println!(
-                    "{:<24} {:<8} {:<6} {:<26} {:<30} {}",
+                    "{:<24} {:<8} {:<6} {:<26} {:<30} {:<24} {}",
                     client.name,
                     if client.revoked_at.is_some() { "revoked" } else { "active" },
                     client.admin,
                     client.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     display_list(&client.accounts),
+                    display_list(&client.apps),
                     display_list(&client.scopes)
                 );
             }
@@ -228,6 +260,33 @@ async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result
 
 fn display_list(values: &[String]) -> String {
     if values.is_empty() { "(none)".into() } else { values.join(",") }
+}
+
+async fn reactivate(settings: &Settings, id: uuid::Uuid) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    match crate::installs::reactivate(&pool, id).await? {
+        crate::installs::Reactivation::Reactivated { .. } => println!("reactivated installation {id}"),
+        crate::installs::Reactivation::AlreadyActive => println!("installation {id} is already active"),
+        crate::installs::Reactivation::NoCredentials => {
+            anyhow::bail!("installation {id} holds no credentials (uninstalled or revoked); it needs a new INSTALLED")
+        }
+        crate::installs::Reactivation::NotFound => anyhow::bail!("no installation {id}"),
+    }
+    Ok(())
+}
+
+async fn identity_claims(settings: &Settings) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    println!("{:<20} {:<20} CLAIM NAMES", "FIRST SEEN", "LAST SEEN");
+    for set in crate::store::identity_claim_set::list(&pool).await? {
+        println!(
+            "{:<20} {:<20} {}",
+            set.first_seen_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            set.last_seen_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            set.names
+        );
+    }
+    Ok(())
 }
 
 async fn list_installations(settings: &Settings) -> anyhow::Result<()> {

@@ -8,9 +8,10 @@
 //! notifications sent meanwhile may have been missed. A time-to-live bounds staleness should anything
 //! else go wrong.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 use sqlx::PgPool;
@@ -18,6 +19,7 @@ use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
 use crate::broker::FastHash;
+use crate::rate_limit::PerSecond;
 use crate::store::api_client::{self, ApiClient};
 use crate::store::installation::{self, Installation};
 
@@ -34,7 +36,20 @@ pub struct Directory {
     /// Bumped by every invalidation. A read that an invalidation overtook (the row changed between our
     /// query and our insert) is not cached: it may be the old row, and its NOTIFY has already been spent.
     generation: AtomicU64,
+    /// The digests of every unrevoked client, loaded whole, so a key that matches none is refused from
+    /// memory: a flood of random keys must not cost a query each. Dropped on every client change and
+    /// loaded again by the next unknown key; clients are few, so the set is small.
+    known_digests: RwLock<Option<Arc<KnownDigests>>>,
+    /// Held while the set loads, so concurrent unknown keys share one load.
+    loading_known: tokio::sync::Mutex<()>,
 }
+
+/// The key digests of every unrevoked client.
+type KnownDigests = HashSet<[u8; 32], FastHash>;
+
+/// Database lookups per second of digests the known set lacks: a key created a moment ago on another
+/// replica, whose NOTIFY has not arrived yet, still works at once; a flood of random keys stays at this.
+static UNKNOWN_LOOKUPS: PerSecond = PerSecond::new(10);
 
 /// A change notification, parsed.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,14 +86,21 @@ impl Directory {
                 .time_to_live(TIME_TO_LIVE)
                 .build_with_hasher(FastHash::default()),
             generation: AtomicU64::new(0),
+            known_digests: RwLock::new(None),
+            loading_known: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The unrevoked client whose key hashes to `digest`. Unknown digests are not cached, so a key
-    /// created a moment ago works at once.
+    /// The unrevoked client whose key hashes to `digest`. A digest that no unrevoked client has is refused
+    /// from the set of known digests, beyond a few database lookups a second ([`UNKNOWN_LOOKUPS`]) that let
+    /// a key created a moment ago work before its NOTIFY drops the set.
     pub async fn client(&self, digest: &[u8; 32]) -> sqlx::Result<Option<Arc<ApiClient>>> {
         if let Some(client) = self.clients.get(digest) {
             return Ok(Some(client));
+        }
+        if self.known_digests().await?.is_some_and(|known| !known.contains(digest)) && UNKNOWN_LOOKUPS.allow().is_none()
+        {
+            return Ok(None);
         }
         let load = async { Ok(api_client::find_active(&self.pool, digest).await?.map(Arc::new)) };
         self.unless_overtaken(load, |found| {
@@ -87,6 +109,32 @@ impl Directory {
             }
         })
         .await
+    }
+
+    /// The set of every unrevoked client's digest, loading it when it is not held. `None` when a change
+    /// overtook the load (the set may be stale): the caller then asks the database about its one digest.
+    async fn known_digests(&self) -> sqlx::Result<Option<Arc<KnownDigests>>> {
+        if let Some(known) = self.known_digests.read().expect("directory lock poisoned").clone() {
+            return Ok(Some(known));
+        }
+        let _loading = self.loading_known.lock().await;
+        if let Some(known) = self.known_digests.read().expect("directory lock poisoned").clone() {
+            return Ok(Some(known));
+        }
+        let load = async {
+            let digests = api_client::active_digests(&self.pool).await?;
+            Ok::<_, sqlx::Error>(Arc::new(digests.into_iter().collect::<KnownDigests>()))
+        };
+        let mut kept = None;
+        self.unless_overtaken(load, |known| kept = Some(Arc::clone(known))).await?;
+        if let Some(known) = &kept {
+            *self.known_digests.write().expect("directory lock poisoned") = Some(Arc::clone(known));
+        }
+        Ok(kept)
+    }
+
+    fn forget_known_digests(&self) {
+        *self.known_digests.write().expect("directory lock poisoned") = None;
     }
 
     /// The cached client for `digest`, without touching the database (the hot path).
@@ -133,7 +181,10 @@ impl Directory {
     pub fn apply(&self, change: &Change) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         match change {
-            Change::Client(digest) => self.clients.invalidate(digest),
+            Change::Client(digest) => {
+                self.forget_known_digests();
+                self.clients.invalidate(digest);
+            }
             Change::Installation { account_id, .. } => self.installations.invalidate(account_id),
         }
     }
@@ -145,54 +196,118 @@ impl Directory {
 
     pub fn flush(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.forget_known_digests();
         self.clients.invalidate_all();
         self.installations.invalidate_all();
     }
 
     /// Listens for changes until the process ends; `on_change` also sees each one (the broker drops the
     /// in-memory tokens of a changed installation).
+    ///
+    /// A connection that dies silently (no FIN, no RST: a NAT or firewall dropped it) would never say so,
+    /// and changes would then reach this replica only through the time to live. So the listener proves
+    /// its connection alive every `heartbeat` with a NOTIFY round trip of its own; when one does not come
+    /// back within two heartbeats, it reconnects and drops every cached entry (a dead connection is noticed
+    /// within three heartbeats).
     pub fn spawn_listener(
         self: Arc<Self>,
+        heartbeat: Duration,
         on_change: impl Fn(&Change) + Send + Sync + 'static,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
-                match PgListener::connect_with(&self.pool).await {
-                    Ok(mut listener) => match listener.listen(CHANNEL).await {
-                        Ok(()) => {
-                            // Anything may have changed while we were not listening.
-                            self.flush();
-                            self.listen(&mut listener, &on_change).await;
-                        }
-                        Err(error) => tracing::warn!(error = %error, "cannot LISTEN for cache invalidations"),
-                    },
-                    Err(error) => tracing::debug!(error = %error, "cache invalidation listener cannot connect"),
+                let connected = tokio::time::timeout(heartbeat.max(Duration::from_secs(5)), async {
+                    let mut listener = PgListener::connect_with(&self.pool).await?;
+                    listener.listen(CHANNEL).await?;
+                    Ok::<_, sqlx::Error>(listener)
+                })
+                .await;
+                match connected {
+                    Ok(Ok(listener)) => {
+                        // Anything may have changed while we were not listening.
+                        self.flush();
+                        self.listen(listener, heartbeat, &on_change).await;
+                        metrics::counter!("tokenvault_invalidation_listener_lost_total").increment(1);
+                    }
+                    Ok(Err(error)) => tracing::debug!(error = %error, "cache invalidation listener cannot connect"),
+                    Err(_) => tracing::debug!("cache invalidation listener timed out connecting"),
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         })
     }
 
-    /// Applies notifications until the connection is lost.
-    async fn listen(&self, listener: &mut PgListener, on_change: &impl Fn(&Change)) {
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(notification)) => match Change::parse(notification.payload()) {
-                    Some(change) => {
-                        self.apply(&change);
-                        on_change(&change);
-                    }
-                    None => tracing::warn!("unparseable cache invalidation ignored"),
-                },
-                Ok(None) | Err(_) => {
-                    tracing::warn!("cache invalidation listener lost its connection; cached entries keep serving");
-                    metrics::counter!("tokenvault_invalidation_listener_lost_total").increment(1);
+    /// Applies notifications until the connection is lost or a heartbeat goes unanswered.
+    async fn listen(&self, mut listener: PgListener, heartbeat: Duration, on_change: &impl Fn(&Change)) {
+        // The listener receives on a task of its own: `select!` would cancel a read half-way through a
+        // message. The task ends, and the channel closes, when the connection is lost.
+        let (sender, mut received) = tokio::sync::mpsc::channel::<String>(1024);
+        let receiver = tokio::spawn(async move {
+            while let Ok(Some(notification)) = listener.try_recv().await {
+                if sender.send(notification.payload().to_owned()).await.is_err() {
                     return;
                 }
             }
+        });
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut awaited: Option<(String, Instant)> = None;
+        loop {
+            tokio::select! {
+                payload = received.recv() => {
+                    let Some(payload) = payload else {
+                        tracing::warn!("cache invalidation listener lost its connection; cached entries keep serving");
+                        break;
+                    };
+                    if let Some(beat) = payload.strip_prefix(HEARTBEAT_PREFIX) {
+                        if awaited.as_ref().is_some_and(|(nonce, _)| nonce == beat) {
+                            awaited = None;
+                        }
+                        continue;
+                    }
+                    match Change::parse(&payload) {
+                        Some(change) => {
+                            self.apply(&change);
+                            on_change(&change);
+                        }
+                        None => tracing::warn!("unparseable cache invalidation ignored"),
+                    }
+                }
+                _ = ticker.tick() => {
+                    if let Some((_, sent)) = &awaited {
+                        if sent.elapsed() >= heartbeat * 2 {
+                            tracing::warn!(
+                                heartbeat_ms = heartbeat.as_millis() as u64,
+                                "cache invalidation listener heard no heartbeat back; reconnecting"
+                            );
+                            break;
+                        }
+                        continue;
+                    }
+                    let nonce = uuid::Uuid::new_v4().simple().to_string();
+                    self.send_heartbeat(&nonce, heartbeat);
+                    awaited = Some((nonce, Instant::now()));
+                }
+            }
         }
+        receiver.abort();
+    }
+
+    /// Sends a heartbeat through the pool, off the listener's loop (the pool may be as dead as the listener).
+    fn send_heartbeat(&self, nonce: &str, within: Duration) {
+        let (pool, payload) = (self.pool.clone(), format!("{HEARTBEAT_PREFIX}{nonce}"));
+        tokio::spawn(async move {
+            let sent = sqlx::query("select pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(&pool);
+            if let Ok(Err(error)) = tokio::time::timeout(within, sent).await {
+                tracing::debug!(error = %error, "cannot send a listener heartbeat");
+            }
+        });
     }
 }
+
+/// Payload of a listener's heartbeat (`heartbeat:<nonce>`); every replica hears every heartbeat and
+/// ignores all but its own.
+const HEARTBEAT_PREFIX: &str = "heartbeat:";
 
 #[cfg(test)]
 mod tests {

@@ -7,11 +7,12 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::crypto::{Aad, KeyRing, SecretField};
+use crate::crypto::{Aad, AadVersion, CredentialRow, KeyRing, Sealed, SecretField};
 use crate::domain::{AccountId, AppId};
 use crate::store::callback_event::{self, CallbackEvent};
+use crate::store::identity_replay::{self, Seen};
 use crate::store::installation::{self, Installation, SealedCredentials, Status};
-use crate::store::token_cache;
+use crate::store::{mint_failure, token_cache};
 
 /// A parsed callback body.
 pub enum CallbackMessage {
@@ -52,7 +53,7 @@ impl std::fmt::Debug for CallbackMessage {
 pub enum Outcome {
     /// New or changed credentials stored.
     Stored(Uuid),
-    /// The same credentials again (a replay or a retry): nothing changed.
+    /// The same credentials again (a replay or a retry): nothing changed but the watermark.
     Unchanged(Uuid),
     /// Older than what is stored (by the identity token's `iat`): nothing changed.
     Stale,
@@ -60,6 +61,8 @@ pub enum Outcome {
     /// UNINSTALLED for an installation we never had.
     UnknownInstallation,
     Ignored,
+    /// The same identity token with the same body again: a retry of a message already committed.
+    Retried,
 }
 
 impl Outcome {
@@ -72,6 +75,7 @@ impl Outcome {
             Outcome::Uninstalled(_) => "uninstalled",
             Outcome::UnknownInstallation => "unknown_installation",
             Outcome::Ignored => "ignored",
+            Outcome::Retried => "retried",
         }
     }
 
@@ -84,25 +88,75 @@ impl Outcome {
     }
 }
 
-/// Applies `message`, authenticated by an identity token issued at `issued_at` (seconds since the epoch).
+/// The verified identity token that delivered a message, as the replay memory and the watermark need it.
+pub struct Delivery {
+    /// What the token is known by: SHA-256 of its `jti` (with `iss`) when it has one, else of the token.
+    pub token_sha256: [u8; 32],
+    /// SHA-256 of the exact body bytes.
+    pub body_sha256: [u8; 32],
+    /// The token's `iat`, when present: the watermark that makes older messages stale.
+    pub issued_at: Option<DateTime<Utc>>,
+    /// Until when the token could verify (its `exp` plus leeway): how long it is remembered.
+    pub remember_until: DateTime<Utc>,
+}
+
+/// Why a verified callback was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The identity token already delivered another message; refused and audited.
+    #[error("the identity token already delivered another message")]
+    Replayed,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Applies `message`, delivered by `delivery`, in one transaction with its audit event and the replay
+/// memory's record of the token.
 pub async fn apply(
     pool: &PgPool,
     keys: &KeyRing,
     message: &CallbackMessage,
-    issued_at: Option<i64>,
-) -> sqlx::Result<Outcome> {
-    let issued_at = issued_at.and_then(|secs| DateTime::<Utc>::from_timestamp(secs, 0));
-    let mut tx = pool.begin().await?;
-    let (outcome, event_type, app_id, account_id) = match message {
-        CallbackMessage::Installed { app_id, account_id, client_id, client_secret } => {
-            let outcome = install(&mut tx, keys, app_id, account_id, client_id, client_secret, issued_at).await?;
-            (outcome, "INSTALLED", Some(app_id.as_str()), Some(account_id.as_str()))
+    delivery: &Delivery,
+) -> Result<Outcome, ApplyError> {
+    let issued_at = delivery.issued_at;
+    let (event_type, app_id, account_id) = match message {
+        CallbackMessage::Installed { app_id, account_id, .. } => {
+            ("INSTALLED", Some(app_id.as_str()), Some(account_id.as_str()))
         }
         CallbackMessage::Uninstalled { app_id, account_id } => {
-            let outcome = uninstall(&mut tx, app_id, account_id, issued_at).await?;
-            (outcome, "UNINSTALLED", Some(app_id.as_str()), Some(account_id.as_str()))
+            ("UNINSTALLED", Some(app_id.as_str()), Some(account_id.as_str()))
         }
-        CallbackMessage::Other { message_type } => (Outcome::Ignored, message_type.as_str(), None, None),
+        CallbackMessage::Other { message_type } => (message_type.as_str(), None, None),
+    };
+    let mut tx = pool.begin().await?;
+    let seen =
+        identity_replay::remember(&mut tx, &delivery.token_sha256, &delivery.body_sha256, delivery.remember_until)
+            .await?;
+    let outcome = match seen {
+        Seen::OtherBody => {
+            tx.rollback().await?;
+            let event = CallbackEvent {
+                event_type,
+                app_id,
+                account_id,
+                outcome: "replay_refused",
+                identity_issued_at: issued_at,
+            };
+            let mut tx = pool.begin().await?;
+            callback_event::record(&mut tx, &event).await?;
+            tx.commit().await?;
+            return Err(ApplyError::Replayed);
+        }
+        Seen::SameBody => Outcome::Retried,
+        Seen::First => match message {
+            CallbackMessage::Installed { app_id, account_id, client_id, client_secret } => {
+                install(&mut tx, keys, app_id, account_id, client_id, client_secret, issued_at).await?
+            }
+            CallbackMessage::Uninstalled { app_id, account_id } => {
+                uninstall(&mut tx, app_id, account_id, issued_at).await?
+            }
+            CallbackMessage::Other { .. } => Outcome::Ignored,
+        },
     };
     let event =
         CallbackEvent { event_type, app_id, account_id, outcome: outcome.label(), identity_issued_at: issued_at };
@@ -116,6 +170,29 @@ fn is_stale(stored: Option<DateTime<Utc>>, incoming: Option<DateTime<Utc>>) -> b
     matches!((stored, incoming), (Some(stored), Some(incoming)) if incoming < stored)
 }
 
+/// Seals a client id and secret for the installation row `row` (its id and the credentials version they
+/// will be stored under are part of the associated data).
+fn seal_credentials(
+    keys: &KeyRing,
+    row: &CredentialRow<'_>,
+    client_id: &SecretString,
+    client_secret: &SecretString,
+) -> (Sealed, Sealed) {
+    let seal = |value: &SecretString, field| {
+        keys.seal(value.expose_secret().as_bytes(), &Aad::credential(AadVersion::CURRENT, row, field))
+    };
+    (seal(client_id, SecretField::ClientId), seal(client_secret, SecretField::ClientSecret))
+}
+
+fn sealed_pair<'a>(id: &'a Sealed, secret: &'a Sealed) -> SealedCredentials<'a> {
+    SealedCredentials {
+        key_id: id.key_id.as_str(),
+        client_id: &id.bytes,
+        client_secret: &secret.bytes,
+        aad_version: AadVersion::CURRENT.as_column(),
+    }
+}
+
 async fn install(
     tx: &mut sqlx::PgConnection,
     keys: &KeyRing,
@@ -126,31 +203,40 @@ async fn install(
     issued_at: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Outcome> {
     let (app, account) = (app_id.as_str(), account_id.as_str());
-    let sealed_id =
-        keys.seal(client_id.expose_secret().as_bytes(), &Aad::installation(app, account, SecretField::ClientId));
-    let sealed_secret = keys
-        .seal(client_secret.expose_secret().as_bytes(), &Aad::installation(app, account, SecretField::ClientSecret));
-    let credentials = SealedCredentials {
-        key_id: sealed_id.key_id.as_str(),
-        client_id: &sealed_id.bytes,
-        client_secret: &sealed_secret.bytes,
-    };
     // Lock the row if it exists; otherwise insert, and if a concurrent callback inserted first, lock that.
     let existing = match installation::lock(tx, app, account).await? {
         Some(existing) => existing,
-        None => match installation::insert(tx, app, account, &credentials, issued_at).await? {
-            Some(id) => return Ok(Outcome::Stored(id)),
-            None => installation::lock(tx, app, account).await?.ok_or(sqlx::Error::RowNotFound)?,
-        },
+        None => {
+            let id = Uuid::new_v4();
+            let row = CredentialRow {
+                provider: "trackunit",
+                app_id: app,
+                account_id: account,
+                installation_id: id,
+                credentials_version: 1,
+            };
+            let (sealed_id, sealed_secret) = seal_credentials(keys, &row, client_id, client_secret);
+            let credentials = sealed_pair(&sealed_id, &sealed_secret);
+            match installation::insert(tx, id, app, account, &credentials, issued_at).await? {
+                Some(id) => return Ok(Outcome::Stored(id)),
+                None => installation::lock(tx, app, account).await?.ok_or(sqlx::Error::RowNotFound)?,
+            }
+        }
     };
     if is_stale(existing.identity_issued_at, issued_at) {
         return Ok(Outcome::Stale);
     }
     if existing.status() == Status::Active && holds_credentials(keys, &existing, client_id, client_secret) {
+        installation::advance_watermark(tx, existing.id, issued_at).await?;
         return Ok(Outcome::Unchanged(existing.id));
     }
-    installation::replace_credentials(tx, existing.id, &credentials, issued_at).await?;
+    let version = existing.credentials_version + 1;
+    let row = CredentialRow { credentials_version: version, ..existing.credential_row() };
+    let (sealed_id, sealed_secret) = seal_credentials(keys, &row, client_id, client_secret);
+    installation::replace_credentials(tx, existing.id, version, &sealed_pair(&sealed_id, &sealed_secret), issued_at)
+        .await?;
     token_cache::delete_for_installation(tx, existing.id).await?;
+    mint_failure::delete_for_installation(tx, existing.id).await?;
     Ok(Outcome::Stored(existing.id))
 }
 
@@ -161,13 +247,17 @@ fn holds_credentials(
     client_id: &SecretString,
     client_secret: &SecretString,
 ) -> bool {
-    let (Some(key_id), Some(id_sealed), Some(secret_sealed)) =
-        (stored.key_id.as_deref(), stored.client_id_ciphertext.as_deref(), stored.client_secret_ciphertext.as_deref())
-    else {
+    let (Some(key_id), Some(id_sealed), Some(secret_sealed), Some(version)) = (
+        stored.key_id.as_deref(),
+        stored.client_id_ciphertext.as_deref(),
+        stored.client_secret_ciphertext.as_deref(),
+        AadVersion::from_column(stored.aad_version),
+    ) else {
         return false;
     };
+    let row = stored.credential_row();
     let same = |sealed: &[u8], field, expected: &SecretString| {
-        keys.open_string(key_id, sealed, &Aad::installation(&stored.app_id, &stored.account_id, field))
+        keys.open_string(key_id, sealed, &Aad::credential(version, &row, field))
             .is_ok_and(|plain| plain.expose_secret() == expected.expose_secret())
     };
     same(id_sealed, SecretField::ClientId, client_id) && same(secret_sealed, SecretField::ClientSecret, client_secret)
@@ -187,6 +277,7 @@ async fn uninstall(
     }
     installation::erase(tx, existing.id, Status::Uninstalled, issued_at).await?;
     token_cache::delete_for_installation(tx, existing.id).await?;
+    mint_failure::delete_for_installation(tx, existing.id).await?;
     Ok(Outcome::Uninstalled(existing.id))
 }
 
@@ -200,6 +291,7 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<String>> {
     };
     installation::erase(&mut tx, id, Status::Revoked, Some(Utc::now())).await?;
     token_cache::delete_for_installation(&mut tx, id).await?;
+    mint_failure::delete_for_installation(&mut tx, id).await?;
     let event = CallbackEvent {
         event_type: "ADMIN_REVOKED",
         app_id: Some(&existing.app_id),
@@ -210,6 +302,51 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<String>> {
     callback_event::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(Some(existing.account_id))
+}
+
+/// What reactivating an installation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reactivation {
+    /// It was rejected and is active again.
+    Reactivated {
+        account_id: String,
+    },
+    /// It was already active.
+    AlreadyActive,
+    /// It holds no credentials (uninstalled or revoked): only a new INSTALLED brings it back.
+    NoCredentials,
+    NotFound,
+}
+
+/// Makes a rejected installation active again at an operator's word (`POST /v1/installations/{id}/reactivate`,
+/// `tokenvault installations reactivate`), audited as `ADMIN_REACTIVATED`.
+pub async fn reactivate(pool: &PgPool, id: Uuid) -> sqlx::Result<Reactivation> {
+    let mut tx = pool.begin().await?;
+    let Some(existing) = installation::by_id(&mut tx, id).await? else {
+        return Ok(Reactivation::NotFound);
+    };
+    let result = match existing.status() {
+        Status::Active => Reactivation::AlreadyActive,
+        Status::Uninstalled | Status::Revoked => Reactivation::NoCredentials,
+        Status::Rejected => {
+            installation::reactivate(&mut tx, id, None).await?;
+            mint_failure::delete_for_installation(&mut tx, id).await?;
+            let event = CallbackEvent {
+                event_type: "ADMIN_REACTIVATED",
+                app_id: Some(&existing.app_id),
+                account_id: Some(&existing.account_id),
+                outcome: "reactivated",
+                identity_issued_at: None,
+            };
+            callback_event::record(&mut tx, &event).await?;
+            Reactivation::Reactivated { account_id: existing.account_id.clone() }
+        }
+    };
+    tx.commit().await?;
+    if matches!(result, Reactivation::Reactivated { .. }) {
+        metrics::counter!("tokenvault_installations_reactivated_total", "by" => "admin").increment(1);
+    }
+    Ok(result)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod claim_names;
 pub mod cli;
 pub mod crypto;
 pub mod directory;
@@ -14,6 +15,8 @@ pub mod identity;
 pub mod in_flight;
 pub mod installs;
 pub mod outbound;
+pub mod rate_limit;
+pub mod readiness;
 pub mod rotation;
 pub mod routes;
 pub mod settings;

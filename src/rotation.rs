@@ -8,7 +8,7 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::crypto::{Aad, KeyRing, SecretField};
+use crate::crypto::{Aad, AadVersion, KeyRing, SecretField, TokenRow};
 use crate::store::installation::{self, Installation, SealedCredentials};
 use crate::store::token_cache;
 
@@ -33,17 +33,26 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
 
     loop {
         let mut tx = pool.begin().await?;
-        let batch =
-            installation::lock_sealed_under_other_keys(&mut tx, primary, &report.unreadable_installations, batch_size)
-                .await?;
+        let batch = installation::lock_needing_reseal(
+            &mut tx,
+            primary,
+            AadVersion::CURRENT.as_column(),
+            &report.unreadable_installations,
+            batch_size,
+        )
+        .await?;
         if batch.is_empty() {
             break;
         }
         for row in &batch {
             match reseal_installation(keys, row) {
                 Some((key_id, client_id, client_secret)) => {
-                    let sealed =
-                        SealedCredentials { key_id: &key_id, client_id: &client_id, client_secret: &client_secret };
+                    let sealed = SealedCredentials {
+                        key_id: &key_id,
+                        client_id: &client_id,
+                        client_secret: &client_secret,
+                        aad_version: AadVersion::CURRENT.as_column(),
+                    };
                     installation::reseal(&mut tx, row.id, &sealed).await?;
                     report.installations += 1;
                 }
@@ -58,20 +67,45 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
 
     loop {
         let mut tx = pool.begin().await?;
-        let batch =
-            token_cache::lock_sealed_under_other_keys(&mut tx, primary, &report.unreadable_tokens, batch_size).await?;
+        let batch = token_cache::lock_needing_reseal(
+            &mut tx,
+            primary,
+            AadVersion::CURRENT.as_column(),
+            &report.unreadable_tokens,
+            batch_size,
+        )
+        .await?;
         if batch.is_empty() {
             break;
         }
-        for row in &batch {
-            let aad = Aad::cached_token(&row.installation_id, row.credentials_version, &row.scope_key);
-            match keys.open(&row.key_id, &row.access_token_ciphertext, &aad) {
-                Ok(plain) => {
-                    let sealed = keys.seal(plain.expose_secret(), &aad);
-                    token_cache::reseal(&mut tx, row, sealed.key_id.as_str(), &sealed.bytes).await?;
+        for keyed in &batch {
+            let row = &keyed.row;
+            let bound = TokenRow {
+                installation_id: keyed.installation_id,
+                credentials_version: keyed.credentials_version,
+                scope_key: &keyed.scope_key,
+                token_type: &row.token_type,
+                granted_scope: &row.granted_scope,
+                expires_at_ms: row.expires_at.timestamp_millis(),
+            };
+            let opened = AadVersion::from_column(row.aad_version).and_then(|version| {
+                keys.open(&row.key_id, &row.access_token_ciphertext, &Aad::cached_token(version, &bound, None)).ok()
+            });
+            match opened {
+                Some(plain) => {
+                    let sealed =
+                        keys.seal(plain.expose_secret(), &Aad::cached_token(AadVersion::CURRENT, &bound, None));
+                    token_cache::reseal(
+                        &mut tx,
+                        keyed,
+                        sealed.key_id.as_str(),
+                        &sealed.bytes,
+                        AadVersion::CURRENT.as_column(),
+                    )
+                    .await?;
                     report.cached_tokens += 1;
                 }
-                Err(_) => report.unreadable_tokens.push(format!("{}/{}", row.installation_id, row.scope_key)),
+                None => report.unreadable_tokens.push(format!("{}/{}", keyed.installation_id, keyed.scope_key)),
             }
         }
         tx.commit().await?;
@@ -79,17 +113,19 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
     Ok(report)
 }
 
-/// The credentials of `row` sealed under the primary key, or `None` if they do not decrypt.
+/// The credentials of `row` sealed under the primary key with the current associated data, or `None` if
+/// they do not decrypt.
 fn reseal_installation(keys: &KeyRing, row: &Installation) -> Option<(String, Vec<u8>, Vec<u8>)> {
     let key_id = row.key_id.as_deref()?;
+    let version = AadVersion::from_column(row.aad_version)?;
+    let bound = row.credential_row();
     let mut resealed = Vec::with_capacity(2);
     for (sealed, field) in [
         (row.client_id_ciphertext.as_deref()?, SecretField::ClientId),
         (row.client_secret_ciphertext.as_deref()?, SecretField::ClientSecret),
     ] {
-        let aad = Aad::installation(&row.app_id, &row.account_id, field);
-        let plain = keys.open(key_id, sealed, &aad).ok()?;
-        resealed.push(keys.seal(plain.expose_secret(), &aad));
+        let plain = keys.open(key_id, sealed, &Aad::credential(version, &bound, field)).ok()?;
+        resealed.push(keys.seal(plain.expose_secret(), &Aad::credential(AadVersion::CURRENT, &bound, field)));
     }
     let secret = resealed.pop()?;
     let id = resealed.pop()?;

@@ -18,6 +18,9 @@ use url::Url;
 
 use crate::crypto::KeyRing;
 
+/// When a rejected installation is probed again: 1 min, 10 min and 1 h after the rejection, then every 6 h.
+pub const DEFAULT_PROBE_SCHEDULE_SECS: [u64; 4] = [60, 600, 3600, 6 * 3600];
+
 /// Every asymmetric JWS algorithm (RFC 7518 §3.1, RFC 8037). `none` and HMAC are never accepted:
 /// HMAC with a public key as the secret is the classic key-confusion attack (RFC 8725 §2.1).
 pub const ASYMMETRIC_ALGORITHMS: [Algorithm; 9] = [
@@ -47,7 +50,39 @@ pub enum SettingsError {
     },
     #[error("cannot read config file {path:?}: {reason}")]
     ConfigFile { path: String, reason: String },
+    #[error("the config file has an unknown key {0:?} (a typo would silently turn a setting off)")]
+    UnknownKey(String),
 }
+
+/// Every setting, by its variable name. The TOML file may use only these (in lower case): an unknown key
+/// stops the process, because a misspelt `tokenvault_apps` would otherwise turn the app allow-list off.
+pub const KNOWN_SETTINGS: &[&str] = &[
+    "DATABASE_URL",
+    "TOKENVAULT_ENCRYPTION_KEYS",
+    "TOKENVAULT_PUBLIC_ADDR",
+    "TOKENVAULT_INTERNAL_ADDR",
+    "TOKENVAULT_PUBLIC_MAX_CONNECTIONS",
+    "TOKENVAULT_INTERNAL_MAX_CONNECTIONS",
+    "TOKENVAULT_TRACKUNIT_JWKS_URL",
+    "TOKENVAULT_TRACKUNIT_TOKEN_URL",
+    "TOKENVAULT_TRACKUNIT_ISSUER",
+    "TOKENVAULT_TRACKUNIT_AUDIENCE",
+    "TOKENVAULT_TRACKUNIT_TYPE",
+    "TOKENVAULT_TRACKUNIT_ALGORITHMS",
+    "TOKENVAULT_TRACKUNIT_LEEWAY_SECS",
+    "TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS",
+    "TOKENVAULT_TRACKUNIT_MAX_TOKEN_LIFETIME_SECS",
+    "TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS",
+    "TOKENVAULT_APPS",
+    "TOKENVAULT_UPSTREAM_TIMEOUT_SECS",
+    "TOKENVAULT_UPSTREAM_MAX_ATTEMPTS",
+    "TOKENVAULT_UPSTREAM_BACKOFF_MS",
+    "TOKENVAULT_REJECTED_PROBE_SCHEDULE_SECS",
+    "TOKENVAULT_DATABASE_MAX_CONNECTIONS",
+    "TOKENVAULT_TOKEN_CACHE_CAPACITY",
+    "TOKENVAULT_LISTENER_HEARTBEAT_SECS",
+    "TOKENVAULT_LOG_FORMAT",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -67,6 +102,19 @@ pub struct IdentitySettings {
     pub leeway: Duration,
     /// Least time between two JWKS fetches, for unknown `kid`s and for `max-age` refreshes alike.
     pub jwks_min_refresh: Duration,
+    /// Longest `exp − iat` accepted (or `exp − now` without `iat`).
+    pub max_token_lifetime: Duration,
+    /// Claims every identity token must carry.
+    pub required_claims: Vec<String>,
+}
+
+impl IdentitySettings {
+    /// Whether anything binds an identity token to this deployment beyond the signature: an expected
+    /// issuer or audience, or required claims. Without any, a token Trackunit signed for another app
+    /// passes too (see docs/SECURITY.md).
+    pub fn binds_tokens(&self) -> bool {
+        self.issuer.is_some() || self.audience.is_some() || !self.required_claims.is_empty()
+    }
 }
 
 /// The OAuth2 token endpoint and how patiently we call it.
@@ -91,6 +139,14 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Most access tokens one replica keeps in memory.
     pub token_cache_capacity: u64,
+    /// Most connections each listener holds open at once.
+    pub public_max_connections: usize,
+    pub internal_max_connections: usize,
+    /// When a rejected installation is probed again: the waits after the rejection, then after each probe;
+    /// the last one repeats.
+    pub rejected_probe_schedule: Vec<Duration>,
+    /// How often the change listener proves its connection alive with a NOTIFY round trip.
+    pub listener_heartbeat: Duration,
 }
 
 impl fmt::Debug for Settings {
@@ -106,6 +162,10 @@ impl fmt::Debug for Settings {
             .field("apps", &self.apps)
             .field("log_format", &self.log_format)
             .field("token_cache_capacity", &self.token_cache_capacity)
+            .field("public_max_connections", &self.public_max_connections)
+            .field("internal_max_connections", &self.internal_max_connections)
+            .field("rejected_probe_schedule", &self.rejected_probe_schedule)
+            .field("listener_heartbeat", &self.listener_heartbeat)
             .finish()
     }
 }
@@ -170,8 +230,32 @@ impl Source {
         Ok(self.file.get(&name.to_ascii_lowercase()).cloned())
     }
 
+    /// Refuses a TOML key that names no setting.
+    fn check_file_keys(&self) -> Result<(), SettingsError> {
+        let mut keys: Vec<&String> = self.file.keys().collect();
+        keys.sort();
+        match keys.into_iter().find(|key| !KNOWN_SETTINGS.iter().any(|known| known.eq_ignore_ascii_case(key))) {
+            Some(unknown) => Err(SettingsError::UnknownKey(unknown.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn required(&self, name: &'static str) -> Result<String, SettingsError> {
         self.get(name)?.filter(|v| !v.trim().is_empty()).ok_or(SettingsError::Missing(name))
+    }
+
+    /// A whole number of seconds within `range`, or `default`.
+    fn seconds(
+        &self,
+        name: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Duration, SettingsError> {
+        let secs: u64 = self.parsed(name, default)?;
+        if !range.contains(&secs) {
+            return Err(invalid(name, format!("must be from {} to {} seconds", range.start(), range.end())));
+        }
+        Ok(Duration::from_secs(secs))
     }
 
     fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, SettingsError>
@@ -236,6 +320,7 @@ fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
 
 impl Settings {
     pub fn load(source: &Source) -> Result<Self, SettingsError> {
+        source.check_file_keys()?;
         let database_url = SecretString::from(source.required("DATABASE_URL")?);
         let keys_spec = SecretString::from(source.required("TOKENVAULT_ENCRYPTION_KEYS")?);
         let encryption_keys = KeyRing::parse(keys_spec.expose_secret())
@@ -278,6 +363,31 @@ impl Settings {
         if max_connections < 4 {
             return Err(invalid("TOKENVAULT_DATABASE_MAX_CONNECTIONS", "must be at least 4"));
         }
+        let listener_limit = |name: &'static str, default: usize| -> Result<usize, SettingsError> {
+            let limit: usize = source.parsed(name, default)?;
+            if !(16..=1_000_000).contains(&limit) {
+                return Err(invalid(name, "must be from 16 to 1000000"));
+            }
+            Ok(limit)
+        };
+        let rejected_probe_schedule = match optional_text(source, "TOKENVAULT_REJECTED_PROBE_SCHEDULE_SECS")? {
+            None => DEFAULT_PROBE_SCHEDULE_SECS.iter().copied().map(Duration::from_secs).collect(),
+            Some(raw) => comma_list(&raw)
+                .map(|step| match step.parse::<u64>() {
+                    Ok(secs) if (1..=7 * 24 * 3600).contains(&secs) => Ok(Duration::from_secs(secs)),
+                    _ => Err(invalid(
+                        "TOKENVAULT_REJECTED_PROBE_SCHEDULE_SECS",
+                        format!("{step:?} is not a whole number of seconds from 1 to 604800"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        if rejected_probe_schedule.is_empty() {
+            return Err(invalid("TOKENVAULT_REJECTED_PROBE_SCHEDULE_SECS", "names no wait"));
+        }
+        let required_claims: Vec<String> = optional_text(source, "TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS")?
+            .map(|raw| comma_list(&raw).map(str::to_owned).collect())
+            .unwrap_or_default();
 
         Ok(Self {
             database_url,
@@ -295,8 +405,14 @@ impl Settings {
                 audience: optional_text(source, "TOKENVAULT_TRACKUNIT_AUDIENCE")?,
                 token_type: optional_text(source, "TOKENVAULT_TRACKUNIT_TYPE")?,
                 algorithms,
-                leeway: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", 60)?),
-                jwks_min_refresh: Duration::from_secs(source.parsed("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", 30)?),
+                leeway: source.seconds("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", 60, 0..=300)?,
+                jwks_min_refresh: source.seconds("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", 30, 1..=86_400)?,
+                max_token_lifetime: source.seconds(
+                    "TOKENVAULT_TRACKUNIT_MAX_TOKEN_LIFETIME_SECS",
+                    3600,
+                    1..=30 * 24 * 3600,
+                )?,
+                required_claims,
             },
             upstream: UpstreamSettings {
                 token_url: endpoint_url(
@@ -311,6 +427,10 @@ impl Settings {
             apps,
             log_format,
             token_cache_capacity: source.parsed("TOKENVAULT_TOKEN_CACHE_CAPACITY", 200_000)?,
+            public_max_connections: listener_limit("TOKENVAULT_PUBLIC_MAX_CONNECTIONS", 1024)?,
+            internal_max_connections: listener_limit("TOKENVAULT_INTERNAL_MAX_CONNECTIONS", 4096)?,
+            rejected_probe_schedule,
+            listener_heartbeat: source.seconds("TOKENVAULT_LISTENER_HEARTBEAT_SECS", 10, 1..=3600)?,
         })
     }
 }
@@ -338,6 +458,9 @@ mod tests {
         assert!(settings.apps.is_none());
         assert_eq!(settings.log_format, LogFormat::Json);
         assert_eq!(settings.token_cache_capacity, 200_000);
+        assert_eq!(settings.identity.max_token_lifetime, Duration::from_secs(3600));
+        assert!(!settings.identity.binds_tokens());
+        assert_eq!(settings.rejected_probe_schedule.len(), 4);
     }
 
     #[test]
@@ -381,6 +504,44 @@ mod tests {
         assert!(base("TOKENVAULT_TRACKUNIT_ALGORITHMS", "none").is_err());
         assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://auth.example.com/token").is_err());
         assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://127.0.0.1:9/token").is_ok());
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_config_file_stops_the_process_naming_it() {
+        let dir = std::env::temp_dir().join(format!("tv-settings-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("tokenvault.toml");
+        std::fs::write(&config, "database_url = \"postgres://x/y\"\ntokenvault_app = [\"@a/b\"]\n").unwrap();
+        let keys = keys();
+        let mut source = Source::environment(Some(&config)).unwrap();
+        source.lookup = Box::new(move |name| (name == "TOKENVAULT_ENCRYPTION_KEYS").then(|| keys.clone()));
+        let error = Settings::load(&source).unwrap_err();
+        assert!(matches!(&error, SettingsError::UnknownKey(key) if key == "tokenvault_app"), "{error}");
+        assert!(error.to_string().contains("tokenvault_app"), "{error}");
+    }
+
+    #[test]
+    fn refresh_interval_and_leeway_are_bounded() {
+        let keys = keys();
+        let load = |name, value| {
+            Settings::load(&Source::from_pairs([
+                ("DATABASE_URL", "postgres://x"),
+                ("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str()),
+                (name, value),
+            ]))
+        };
+        let error = load("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", "0").unwrap_err();
+        assert!(error.to_string().starts_with("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS:"), "{error}");
+        assert!(load("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", "1").is_ok());
+        let error = load("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", "301").unwrap_err();
+        assert!(error.to_string().starts_with("TOKENVAULT_TRACKUNIT_LEEWAY_SECS:"), "{error}");
+        assert!(load("TOKENVAULT_TRACKUNIT_LEEWAY_SECS", "300").is_ok());
+        assert!(load("TOKENVAULT_REJECTED_PROBE_SCHEDULE_SECS", "60,0").is_err());
+        let schedule = load("TOKENVAULT_REJECTED_PROBE_SCHEDULE_SECS", "1, 2").unwrap().rejected_probe_schedule;
+        assert_eq!(schedule, [Duration::from_secs(1), Duration::from_secs(2)]);
+        let claims = load("TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS", "irisAppId, accountId").unwrap();
+        assert_eq!(claims.identity.required_claims, ["irisAppId", "accountId"]);
+        assert!(claims.identity.binds_tokens());
     }
 
     #[test]

@@ -154,22 +154,34 @@ impl Application {
             // and half of the rest for callbacks, readiness and directory reads.
             (settings.database_max_connections as usize).saturating_sub(1) / 2,
             settings.token_cache_capacity,
+            settings.rejected_probe_schedule.clone(),
         ));
+        if !settings.identity.binds_tokens() {
+            tracing::warn!(
+                "identity tokens are checked for Trackunit's signature only: any token Trackunit signed (for \
+                 another app, say) is accepted until it expires, once. Set TOKENVAULT_TRACKUNIT_ISSUER, \
+                 TOKENVAULT_TRACKUNIT_AUDIENCE or TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS (`tokenvault identity claims` \
+                 shows the claims Trackunit's tokens carry) to bind them to this deployment"
+            );
+        }
         let forget_tokens = Arc::clone(&broker);
         let background = vec![
             Arc::clone(&jwks).spawn_refresher(jwks.next_refresh(&loaded)),
             store::token_cache::spawn_purger(pool.clone(), Duration::from_secs(600)),
-            Arc::clone(&directory).spawn_listener(move |change| {
+            Arc::clone(&directory).spawn_listener(settings.listener_heartbeat, move |change| {
                 if let Change::Installation { id, .. } = change {
                     forget_tokens.forget(*id);
                 }
             }),
+            Arc::clone(&broker).spawn_prober(),
         ];
 
         let state = web::Data::new(AppState {
             pool: pool.clone(),
             keys: Arc::clone(&settings.encryption_keys),
             identity: IdentityVerifier::new(&settings.identity, jwks),
+            claim_names: crate::claim_names::ClaimNames::new(pool.clone()),
+            database: crate::readiness::DatabaseProbe::of_pool(pool.clone()),
             broker,
             directory,
             apps: settings.apps.clone(),
@@ -185,6 +197,9 @@ impl Application {
         let public_port = public_listener.local_addr()?.port();
         let internal_port = internal_listener.local_addr()?.port();
 
+        // actix counts connections per worker: split each listener's limit among them.
+        let workers = std::thread::available_parallelism().map_or(1, usize::from);
+        let per_worker = |limit: usize| limit.div_ceil(workers).max(1);
         let in_flight = InFlight::default();
         let (public_state, public_in_flight) = (state.clone(), in_flight.clone());
         let public = HttpServer::new(move || {
@@ -194,6 +209,8 @@ impl Application {
                 .app_data(public_state.clone())
                 .configure(routes::public)
         })
+        .workers(workers)
+        .max_connections(per_worker(settings.public_max_connections))
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
         // Signals are handled in `run_until_stopped`, for both servers together.
@@ -208,6 +225,8 @@ impl Application {
                 .app_data(state.clone())
                 .configure(routes::internal)
         })
+        .workers(workers)
+        .max_connections(per_worker(settings.internal_max_connections))
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
         .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
         .disable_signals()

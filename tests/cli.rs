@@ -291,11 +291,12 @@ async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_
     let app = spawn_app().await;
     let (mut child, public, _) = serve(&app).await;
     let url = format!("http://127.0.0.1:{public}/callbacks/trackunit");
-    let token = identity();
     let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let burst: Vec<_> = (0..400)
         .map(|i| {
-            let (http, url, token, acked) = (app.http.clone(), url.clone(), token.clone(), acked.clone());
+            // One identity token per message, as Trackunit sends them.
+            let token = identity();
+            let (http, url, acked) = (app.http.clone(), url.clone(), acked.clone());
             tokio::spawn(async move {
                 let account = format!("crash-{i}");
                 let credentials = credentials();
@@ -338,15 +339,27 @@ async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_
     let (_restarted, _, _) = serve(&app).await;
     let ring = tokenvault::crypto::KeyRing::parse(&app.encryption_keys).unwrap();
     for (account, credentials) in &acknowledged {
-        let (key_id, sealed): (String, Vec<u8>) = sqlx::query_as(
-            "select key_id, client_secret_ciphertext from installation where app_id = $1 and account_id = $2",
+        let (key_id, sealed, id, version): (String, Vec<u8>, uuid::Uuid, i64) = sqlx::query_as(
+            "select key_id, client_secret_ciphertext, id, credentials_version from installation
+             where app_id = $1 and account_id = $2",
         )
         .bind(APP_ID)
         .bind(account)
         .fetch_one(&app.pool)
         .await
         .unwrap_or_else(|_| panic!("{account} was acknowledged but is not stored"));
-        let aad = tokenvault::crypto::Aad::installation(APP_ID, account, tokenvault::crypto::SecretField::ClientSecret);
+        let row = tokenvault::crypto::CredentialRow {
+            provider: "trackunit",
+            app_id: APP_ID,
+            account_id: account,
+            installation_id: id,
+            credentials_version: version,
+        };
+        let aad = tokenvault::crypto::Aad::credential(
+            tokenvault::crypto::AadVersion::CURRENT,
+            &row,
+            tokenvault::crypto::SecretField::ClientSecret,
+        );
         let secret = ring.open_string(&key_id, &sealed, &aad).unwrap();
         assert_eq!(secrecy::ExposeSecret::expose_secret(&secret), credentials.client_secret);
     }
@@ -440,9 +453,13 @@ async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_
     assert_eq!(callback("acc-1").await.unwrap().status(), 204, "the first install is stored");
     let pool = sqlx::PgPool::connect(&cluster.url()).await.unwrap();
     let key = tokenvault::domain::ServiceKey::generate();
-    tokenvault::store::api_client::create(&pool, "load", &key.sha256(), &["*".into()], &["*".into()], false)
-        .await
-        .unwrap();
+    let grants = tokenvault::store::api_client::Grants {
+        accounts: vec!["*".into()],
+        scopes: vec!["*".into()],
+        apps: vec!["*".into()],
+        admin: false,
+    };
+    tokenvault::store::api_client::create(&pool, "load", &key.sha256(), &grants).await.unwrap();
     pool.close().await;
     let token_url = format!("http://127.0.0.1:{internal}/v1/tokens");
     let body = json!({"account_id": "acc-1", "scopes": ["a"]});

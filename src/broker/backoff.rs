@@ -1,49 +1,100 @@
-//! Exponential backoff per key after upstream failures, so one broken installation cannot make us
-//! hammer the upstream (which disables clients that fail too often).
+//! Backoff per key after a failed mint, remembering what failed: requests that waited for the failing mint,
+//! and those that come while the key backs off, are answered with that failure instead of calling the
+//! upstream again (which disables clients that fail too often).
 
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 
+use super::UpstreamError;
+
 const FIRST: Duration = Duration::from_secs(1);
 const LONGEST: Duration = Duration::from_secs(60);
 /// The longest `Retry-After` we honour; a larger one is likely a mistake upstream.
 const LONGEST_ASKED: Duration = Duration::from_secs(600);
+/// Most keys remembered; beyond it the least recently failed are forgotten (they may then call once more).
+const CAPACITY: u64 = 100_000;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Failures {
     count: u32,
     until: Instant,
+    /// The refusal to answer with while backing off; `None` for a transient failure, answered with 503
+    /// (or a still-valid token).
+    refusal: Option<UpstreamError>,
+}
+
+/// A key that is backing off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Waiting {
+    pub remaining: Duration,
+    pub count: u32,
+    pub refusal: Option<UpstreamError>,
 }
 
 pub(super) struct Backoff<K: Hash + Eq + Send + Sync + 'static> {
     failures: Cache<K, Failures>,
 }
 
+/// Whether `error` is a refusal (answered as it is while backing off) rather than a passing failure.
+pub(super) fn refusal(error: &UpstreamError) -> Option<UpstreamError> {
+    match error {
+        UpstreamError::Unavailable { .. } | UpstreamError::Failed { .. } => None,
+        refused => Some(refused.clone()),
+    }
+}
+
+/// The wait after the `count`th consecutive failure: 1 s, 2 s, 4 s, ... up to 60 s, or longer if the
+/// upstream asked for longer (`Retry-After`), up to 10 minutes.
+pub(super) fn wait_after(count: u32, error: &UpstreamError) -> Duration {
+    let exponential = FIRST.saturating_mul(1 << count.saturating_sub(1).min(6)).min(LONGEST);
+    let asked = match error {
+        UpstreamError::Unavailable { retry_after, .. } => (*retry_after).min(LONGEST_ASKED),
+        _ => Duration::ZERO,
+    };
+    exponential.max(asked)
+}
+
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> Backoff<K> {
     pub fn new() -> Self {
-        Self { failures: Cache::builder().max_capacity(100_000).time_to_idle(LONGEST * 2).build() }
+        Self {
+            failures: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(LONGEST_ASKED + LONGEST)
+                .support_invalidation_closures()
+                .build(),
+        }
     }
 
-    /// How long `key` must still wait, if it is backing off.
-    pub fn remaining(&self, key: &K) -> Option<Duration> {
+    /// Whether `key` is backing off, for how long still and from what.
+    pub fn remaining(&self, key: &K) -> Option<Waiting> {
         let failures = self.failures.get(key)?;
-        failures.until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+        let remaining = failures.until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+        Some(Waiting { remaining, count: failures.count, refusal: failures.refusal })
     }
 
-    /// Records a failure; returns how long the key now waits: 1 s, 2 s, 4 s, ... up to 60 s, or longer if
-    /// the upstream asked for longer (`Retry-After`), up to 10 minutes.
-    pub fn failed(&self, key: &K, asked: Option<Duration>) -> Duration {
+    /// Records a failure; returns how many there were in a row and how long the key now waits.
+    pub fn failed(&self, key: &K, error: &UpstreamError) -> (u32, Duration) {
         let count = self.failures.get(key).map_or(1, |f| f.count.saturating_add(1));
-        let exponential = FIRST.saturating_mul(1 << (count - 1).min(6)).min(LONGEST);
-        let wait = exponential.max(asked.unwrap_or_default().min(LONGEST_ASKED));
-        self.failures.insert(key.clone(), Failures { count, until: Instant::now() + wait });
-        wait
+        let wait = wait_after(count, error);
+        self.adopt(key, count, wait, refusal(error));
+        (count, wait)
+    }
+
+    /// Backs off as another replica recorded: `count` failures, `wait` left.
+    pub fn adopt(&self, key: &K, count: u32, wait: Duration, refusal: Option<UpstreamError>) {
+        self.failures.insert(key.clone(), Failures { count, until: Instant::now() + wait, refusal });
     }
 
     pub fn succeeded(&self, key: &K) {
         self.failures.invalidate(key);
+    }
+
+    /// Forgets every key `matches` selects (an installation changed: its failures no longer apply).
+    pub fn forget_where(&self, matches: impl Fn(&K) -> bool + Send + Sync + 'static) {
+        // Only fails when invalidation closures are not enabled, and they are.
+        let _ = self.failures.invalidate_entries_if(move |key, _| matches(key));
     }
 }
 
@@ -51,12 +102,17 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Backoff<K> {
 mod tests {
     use super::*;
 
+    fn unavailable(retry_after: u64) -> UpstreamError {
+        UpstreamError::Unavailable { retry_after: Duration::from_secs(retry_after), reason: "x".into() }
+    }
+
     #[test]
     fn waits_double_up_to_a_minute_and_reset_on_success() {
         let backoff = Backoff::new();
-        let waits: Vec<u64> = (0..8).map(|_| backoff.failed(&"k", None).as_secs()).collect();
+        let failed = UpstreamError::Failed { attempts: 1, reason: "HTTP 500".into() };
+        let waits: Vec<u64> = (0..8).map(|_| backoff.failed(&"k", &failed).1.as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert!(backoff.remaining(&"k").is_some());
+        assert!(backoff.remaining(&"k").is_some_and(|w| w.refusal.is_none() && w.count == 8));
         backoff.succeeded(&"k");
         assert!(backoff.remaining(&"k").is_none());
     }
@@ -64,7 +120,15 @@ mod tests {
     #[test]
     fn a_retry_after_from_upstream_lengthens_the_wait() {
         let backoff = Backoff::new();
-        assert_eq!(backoff.failed(&"k", Some(Duration::from_secs(30))).as_secs(), 30);
-        assert_eq!(backoff.failed(&"k", Some(Duration::from_secs(86_400))).as_secs(), 600);
+        assert_eq!(backoff.failed(&"k", &unavailable(30)).1.as_secs(), 30);
+        assert_eq!(backoff.failed(&"k", &unavailable(86_400)).1.as_secs(), 600);
+    }
+
+    #[test]
+    fn a_refusal_is_remembered_to_answer_with_it() {
+        let backoff = Backoff::new();
+        let refused = UpstreamError::Rejected { status: 400, error: "unauthorized_client".into() };
+        backoff.failed(&"k", &refused);
+        assert_eq!(backoff.remaining(&"k").unwrap().refusal, Some(refused));
     }
 }

@@ -14,6 +14,7 @@
 
 mod backoff;
 mod entry;
+pub mod probe;
 mod token;
 pub mod upstream;
 
@@ -31,10 +32,11 @@ use uuid::Uuid;
 
 use self::backoff::Backoff;
 use self::entry::Entry;
-use crate::crypto::{Aad, KeyRing, SecretField};
+use crate::crypto::{Aad, AadVersion, KeyRing, SecretField, TokenRow};
 use crate::directory::Directory;
 use crate::domain::ScopeSet;
 use crate::store::installation::{self, Installation, Status};
+use crate::store::mint_failure::{self, MintFailureRow};
 use crate::store::token_cache::{self, CachedTokenRow};
 
 /// Why no token could be handed out.
@@ -44,10 +46,17 @@ pub enum BrokerError {
     NotInstalled,
     #[error("several active installations; app_id is required")]
     AmbiguousApp,
+    /// The account's only usable installations are of apps the caller is not granted.
+    #[error("the installation is of an app this key is not granted")]
+    AppNotGranted,
     #[error("the upstream rejected this installation's credentials earlier; waiting for a new install")]
     PreviouslyRejected,
     #[error("the stored credentials of installation {0} cannot be decrypted")]
     CredentialsUnreadable(Uuid),
+    /// The installation's credentials changed, or it stopped being active, while the request waited:
+    /// look it up again.
+    #[error("the installation changed while the request waited")]
+    Changed,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("database error")]
@@ -57,16 +66,11 @@ pub enum BrokerError {
 impl BrokerError {
     /// A passing failure, worth serving a still-valid token through.
     fn is_transient(&self) -> bool {
-        self.upstream_wait().is_some() || matches!(self, BrokerError::Database(_))
-    }
-
-    /// For an upstream failure worth backing off from: how long the upstream itself asked us to wait.
-    fn upstream_wait(&self) -> Option<Option<Duration>> {
-        match self {
-            BrokerError::Upstream(UpstreamError::Unavailable { retry_after, .. }) => Some(Some(*retry_after)),
-            BrokerError::Upstream(UpstreamError::Failed { .. }) => Some(None),
-            _ => None,
-        }
+        matches!(
+            self,
+            BrokerError::Upstream(UpstreamError::Unavailable { .. } | UpstreamError::Failed { .. })
+                | BrokerError::Database(_)
+        )
     }
 }
 
@@ -112,6 +116,56 @@ struct CacheKey {
     scope_key: Arc<str>,
 }
 
+impl CacheKey {
+    /// What a cached token of this key is bound to in the shared table.
+    fn token_row<'a>(
+        &'a self,
+        token_type: &'a str,
+        granted_scope: &'a str,
+        expires_at: chrono::DateTime<Utc>,
+    ) -> TokenRow<'a> {
+        TokenRow {
+            installation_id: self.installation_id,
+            credentials_version: self.credentials_version,
+            scope_key: &self.scope_key,
+            token_type,
+            granted_scope,
+            expires_at_ms: expires_at.timestamp_millis(),
+        }
+    }
+}
+
+/// A recorded failure as the refusal to answer with, or `None` for a passing failure.
+fn recorded_refusal(row: &MintFailureRow) -> Option<UpstreamError> {
+    match row.kind.as_str() {
+        "rejected" => Some(UpstreamError::Rejected {
+            status: row.http_status.and_then(|s| u16::try_from(s).ok()).unwrap_or(400),
+            error: row.error_code.clone().unwrap_or_else(|| "no error code".into()),
+        }),
+        "invalid_scope" => Some(UpstreamError::InvalidScope),
+        _ => None,
+    }
+}
+
+/// The `mint_failure` row recording the `failures`th failure in a row, `error`, backing off for `wait`.
+fn failure_row(failures: u32, wait: Duration, error: &UpstreamError) -> MintFailureRow {
+    let (kind, http_status, error_code) = match error {
+        UpstreamError::Unavailable { .. } => ("unavailable", None, None),
+        UpstreamError::Failed { .. } => ("failed", None, None),
+        UpstreamError::InvalidScope => ("invalid_scope", None, None),
+        UpstreamError::Rejected { status, error } => ("rejected", Some(i32::from(*status)), Some(error.clone())),
+        // Never recorded here: it rejects the whole installation instead.
+        UpstreamError::InvalidClient => ("rejected", Some(401), Some("invalid_client".to_owned())),
+    };
+    MintFailureRow {
+        failures: i32::try_from(failures).unwrap_or(i32::MAX),
+        retry_at: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+        kind: kind.to_owned(),
+        http_status,
+        error_code,
+    }
+}
+
 pub struct Broker {
     pool: PgPool,
     keys: Arc<KeyRing>,
@@ -124,8 +178,12 @@ pub struct Broker {
     holders: Cache<Uuid, ()>,
     /// One mutex per key being minted, so concurrent requests in this process share one mint.
     flights: Cache<CacheKey, Arc<tokio::sync::Mutex<()>>>,
-    /// Keys whose last upstream attempt failed, and when they may try again.
+    /// Keys whose last upstream attempt failed, what failed, and when they may try again.
     backoff: Backoff<CacheKey>,
+    /// Installations with keys in `backoff`, so `forget` clears them only when there is something to clear.
+    failing: Cache<Uuid, ()>,
+    /// When a rejected installation is first probed again (see `probe`): the first wait of the schedule.
+    probe_schedule: Vec<Duration>,
     /// Bounds concurrent mints: each holds a pooled connection for the whole upstream call, and the
     /// callbacks must always find a connection free.
     mints: tokio::sync::Semaphore,
@@ -143,6 +201,7 @@ impl Broker {
         directory: Arc<Directory>,
         max_concurrent_mints: usize,
         capacity: u64,
+        probe_schedule: Vec<Duration>,
     ) -> Self {
         Self {
             pool,
@@ -155,17 +214,26 @@ impl Broker {
                 .support_invalidation_closures()
                 .build_with_hasher(FastHash::default()),
             holders: Cache::builder().max_capacity(capacity).time_to_idle(Duration::from_secs(24 * 3600)).build(),
-            flights: Cache::builder().time_to_idle(Duration::from_secs(60)).build(),
+            // Bounded like every per-key map: a key's mutex outlives its mints by a minute at most.
+            flights: Cache::builder().max_capacity(capacity).time_to_idle(Duration::from_secs(60)).build(),
             backoff: Backoff::new(),
+            failing: Cache::builder().max_capacity(capacity).time_to_idle(Duration::from_secs(3600)).build(),
+            probe_schedule,
             mints: tokio::sync::Semaphore::new(max_concurrent_mints.max(1)),
             runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    /// The installation a token request is for: the one of `app_id`, or the account's only usable one.
-    pub async fn resolve(&self, account_id: &str, app_id: Option<&str>) -> Result<Installation, BrokerError> {
+    /// The installation a token request is for: the one of `app_id`, or the account's only usable one
+    /// among the apps the caller `may_use_app`.
+    pub async fn resolve(
+        &self,
+        account_id: &str,
+        app_id: Option<&str>,
+        may_use_app: impl Fn(&str) -> bool,
+    ) -> Result<Installation, BrokerError> {
         let installations = self.directory.installations(account_id).await?;
-        pick(&installations, app_id).cloned()
+        pick(&installations, app_id, may_use_app).cloned()
     }
 
     /// The hot path, all in memory and without waiting: a token for an account whose installations, and a
@@ -176,10 +244,13 @@ impl Broker {
         app_id: Option<&str>,
         scopes: &ScopeSet,
         min_ttl: Duration,
+        may_use_app: impl Fn(&str) -> bool,
     ) -> Option<(Arc<Token>, Lease)> {
         let installations = self.directory.cached_installations(account_id)?;
         // Borrowed, not cloned: an installation holds half a dozen heap fields and this runs per request.
-        let index = pick_index(&installations, app_id).ok().filter(|&i| installations[i].status() == Status::Active)?;
+        let index = pick_index(&installations, app_id, may_use_app)
+            .ok()
+            .filter(|&i| installations[i].status() == Status::Active)?;
         let installation = &installations[index];
         let key = CacheKey {
             installation_id: installation.id,
@@ -224,27 +295,41 @@ impl Lease {
     }
 }
 
-/// The installation a request is for among an account's: the one of `app_id`, or the only usable one.
-fn pick<'a>(installations: &'a [Installation], app_id: Option<&str>) -> Result<&'a Installation, BrokerError> {
-    pick_index(installations, app_id).map(|index| &installations[index])
+/// The installation a request is for among an account's: the one of `app_id`, or the only usable one of
+/// an app the caller `may_use_app`.
+fn pick<'a>(
+    installations: &'a [Installation],
+    app_id: Option<&str>,
+    may_use_app: impl Fn(&str) -> bool,
+) -> Result<&'a Installation, BrokerError> {
+    pick_index(installations, app_id, may_use_app).map(|index| &installations[index])
 }
 
 /// [`pick`], as a position in `installations`.
-fn pick_index(installations: &[Installation], app_id: Option<&str>) -> Result<usize, BrokerError> {
-    let mut usable = installations
-        .iter()
-        .enumerate()
-        .filter(|(_, i)| matches!(i.status(), Status::Active | Status::Rejected))
-        .filter(|(_, i)| app_id.is_none_or(|app| i.app_id == app));
-    match (usable.next(), usable.next()) {
-        (None, _) => Err(BrokerError::NotInstalled),
-        (Some((only, _)), None) => Ok(only),
+fn pick_index(
+    installations: &[Installation],
+    app_id: Option<&str>,
+    may_use_app: impl Fn(&str) -> bool,
+) -> Result<usize, BrokerError> {
+    let usable = |i: &Installation| {
+        matches!(i.status(), Status::Active | Status::Rejected) && app_id.is_none_or(|app| i.app_id == app)
+    };
+    let mut granted =
+        installations.iter().enumerate().filter(|(_, i)| usable(i) && may_use_app(&i.app_id)).map(|(at, _)| at);
+    match (granted.next(), granted.next()) {
+        (Some(only), None) => Ok(only),
         (Some(_), Some(_)) => Err(BrokerError::AmbiguousApp),
+        (None, _) if installations.iter().any(usable) => Err(BrokerError::AppNotGranted),
+        (None, _) => Err(BrokerError::NotInstalled),
     }
 }
 
 impl Broker {
     /// A token for `installation` and `scopes` valid for at least `min_ttl` (see [`Token::fresh_for`]).
+    ///
+    /// Requests for one key share one mint, and its outcome: those that waited for a mint that failed are
+    /// answered with its failure, and so are the requests that come while the key backs off, here or on
+    /// any replica (the failure is recorded in `mint_failure`). Only then does the upstream see the key again.
     pub async fn token(
         self: &Arc<Self>,
         installation: &Installation,
@@ -265,20 +350,16 @@ impl Broker {
         self.trace_wait(&key, min_ttl);
         let flight = self.flights.get_with(key.clone(), Default::default);
         let _turn = flight.lock().await;
-        // Whoever held the mutex before us may have just stored what we need.
+        // Whoever held the mutex before us may have just stored what we need, or failed to.
         if let Some(token) = self.fresh_from_memory(&key, installation, scopes, min_ttl) {
             count_wait("queued");
             return Ok(token);
         }
-        if let Some(retry_after) = self.backoff.remaining(&key) {
-            return self.still_valid(&key).await.ok_or(BrokerError::Upstream(UpstreamError::Unavailable {
-                retry_after,
-                reason: "backing off after upstream failures".into(),
-            }));
+        if let Some(waiting) = self.backoff.remaining(&key) {
+            return self.answer_backing_off(&key, waiting).await;
         }
         match self.shared_or_mint(installation, &key, scopes, Want::FreshFor(min_ttl)).await {
             Ok(Obtained { token, minted, stored }) => {
-                self.backoff.succeeded(&key);
                 count_wait(if minted { "mint" } else { "shared_table" });
                 let token = Arc::new(token);
                 if stored {
@@ -286,18 +367,24 @@ impl Broker {
                 }
                 Ok(token)
             }
-            Err(error) if error.is_transient() => {
-                if let Some(asked) = error.upstream_wait() {
-                    let retry_in = self.backoff.failed(&key, asked);
-                    tracing::warn!(installation.id = %installation.id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "token mint failed; backing off");
-                }
-                match self.still_valid(&key).await {
-                    Some(token) => Ok(token),
-                    None => Err(error),
-                }
-            }
+            Err(error) if error.is_transient() => match self.still_valid(&key).await {
+                Some(token) => Ok(token),
+                None => Err(error),
+            },
             Err(error) => Err(error),
         }
+    }
+
+    /// The answer while `key` backs off: the refusal it backs off from, or for a passing failure a token
+    /// that is still valid, else 503 with the rest of the wait.
+    async fn answer_backing_off(&self, key: &CacheKey, waiting: backoff::Waiting) -> Result<Arc<Token>, BrokerError> {
+        if let Some(refusal) = waiting.refusal {
+            return Err(refusal.into());
+        }
+        self.still_valid(key).await.ok_or(BrokerError::Upstream(UpstreamError::Unavailable {
+            retry_after: waiting.remaining,
+            reason: "backing off after upstream failures".into(),
+        }))
     }
 
     /// The in-memory token if it satisfies `min_ttl`; notes the demand and starts a refresh when due.
@@ -375,7 +462,6 @@ impl Broker {
             );
             match outcome {
                 Ok(Obtained { token, stored: true, .. }) => {
-                    broker.backoff.succeeded(&key);
                     broker.remember(key, Arc::new(token), Duration::ZERO);
                     // Also when the cache had already evicted it, so `remember` could not mark it.
                     entry.supersede();
@@ -384,9 +470,6 @@ impl Broker {
                 // forgotten: the claim stays, since no refresh of this key could be stored any more.
                 Ok(Obtained { stored: false, .. }) => {}
                 Err(error) => {
-                    if let Some(asked) = error.upstream_wait() {
-                        broker.backoff.failed(&key, asked);
-                    }
                     tracing::warn!(installation.id = %installation.id, error = %error, "refresh ahead failed; the current token keeps serving");
                     entry.release_refresh();
                 }
@@ -437,12 +520,19 @@ impl Broker {
     }
 
     fn open_cached(&self, key: &CacheKey, row: &CachedTokenRow) -> Result<Token, crate::crypto::OpenError> {
-        let aad = Aad::cached_token(&key.installation_id, key.credentials_version, &key.scope_key);
+        let version = AadVersion::from_column(row.aad_version).ok_or(crate::crypto::OpenError::Unauthentic)?;
+        let bound = key.token_row(&row.token_type, &row.granted_scope, row.expires_at);
+        let aad = Aad::cached_token(version, &bound, None);
         let access_token = self.keys.open_string(&row.key_id, &row.access_token_ciphertext, &aad)?;
-        Ok(Token::from_row(access_token, row))
+        Ok(Token::from_row(access_token, row, &key.scope_key))
     }
 
     /// Under the cross-process lock: the token another replica stored, or a fresh mint stored for all.
+    ///
+    /// Under the lock it first reads what a replica that held it before may have recorded: the
+    /// installation rejected (invalid_client) or changed, or the key backing off after a failed mint.
+    /// Either is answered as it is, without calling the upstream. A failed mint is recorded the same way,
+    /// in the same transaction, for the requests and replicas that wait behind it.
     #[tracing::instrument(skip_all, fields(installation.id = %installation.id))]
     async fn shared_or_mint(
         &self,
@@ -464,10 +554,40 @@ impl Broker {
         let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
         let mut tx = self.pool.begin().await?;
         token_cache::lock_key(&mut tx, key.installation_id, &key.scope_key).await?;
-        // Again under the lock: another replica may have minted while we waited for it.
+        // Again under the lock: another replica may have minted, or failed to, while we waited for it.
         if let Some(token) = self.shared(key, &satisfies, &mut tx).await? {
             tx.commit().await?;
             return Ok(Obtained { token, minted: false, stored: true });
+        }
+        match installation::state(&mut tx, installation.id).await? {
+            Some((status, version)) if version == installation.credentials_version && status == "active" => {}
+            Some((status, version)) if version == installation.credentials_version && status == "rejected" => {
+                self.directory.forget_account(&installation.account_id);
+                return Err(BrokerError::PreviouslyRejected);
+            }
+            _ => {
+                self.directory.forget_account(&installation.account_id);
+                return Err(BrokerError::Changed);
+            }
+        }
+        if let Some(recorded) = mint_failure::get(&mut tx, key.installation_id, &key.scope_key).await? {
+            let now = Utc::now();
+            if let Ok(remaining) = (recorded.retry_at - now).to_std()
+                && !remaining.is_zero()
+            {
+                let refusal = recorded_refusal(&recorded);
+                self.backoff.adopt(key, recorded.failures.max(1) as u32, remaining, refusal.clone());
+                self.failing.insert(key.installation_id, ());
+                tx.commit().await?;
+                return Err(match refusal {
+                    Some(refusal) => refusal.into(),
+                    None => UpstreamError::Unavailable {
+                        retry_after: remaining,
+                        reason: "backing off after upstream failures".into(),
+                    }
+                    .into(),
+                });
+            }
         }
 
         let (client_id, client_secret) = self.open_credentials(installation)?;
@@ -475,29 +595,57 @@ impl Broker {
         let minted = match self.upstream.mint(&client_id, &client_secret, scopes).await {
             Ok(minted) => minted,
             Err(UpstreamError::InvalidClient) => {
-                installation::mark_rejected(&mut tx, installation.id, installation.credentials_version).await?;
+                let first_probe = self.probe_schedule.first().copied().unwrap_or(Duration::from_secs(60));
+                installation::mark_rejected(
+                    &mut tx,
+                    installation.id,
+                    installation.credentials_version,
+                    &key.scope_key,
+                    first_probe,
+                )
+                .await?;
                 tx.commit().await?;
                 self.directory.forget_account(&installation.account_id);
-                tracing::warn!("upstream rejected the client credentials; installation marked rejected");
+                tracing::warn!(
+                    probe_in_s = first_probe.as_secs(),
+                    "upstream rejected the client credentials; installation marked rejected"
+                );
                 return Err(UpstreamError::InvalidClient.into());
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                let (failures, wait) = self.backoff.failed(key, &error);
+                self.failing.insert(key.installation_id, ());
+                let row = failure_row(failures, wait, &error);
+                mint_failure::put(&mut tx, key.installation_id, &key.scope_key, &row).await?;
+                tx.commit().await?;
+                tracing::warn!(error = %error, failures, retry_in_ms = wait.as_millis() as u64, "token mint failed; backing off");
+                return Err(error.into());
+            }
         };
+        self.backoff.succeeded(key);
+        mint_failure::delete(&mut tx, key.installation_id, &key.scope_key).await?;
         let token = Token::from_minted(minted, scopes);
-        let aad = Aad::cached_token(&key.installation_id, key.credentials_version, &key.scope_key);
+        let row = self.seal_token(key, &token);
+        let stored =
+            token_cache::put(&mut tx, key.installation_id, &key.scope_key, key.credentials_version, &row).await?;
+        tx.commit().await?;
+        Ok(Obtained { token, minted: true, stored })
+    }
+
+    /// `token` sealed for the shared table, bound to its key and to what it is (type, scope, expiry).
+    fn seal_token(&self, key: &CacheKey, token: &Token) -> CachedTokenRow {
+        let bound = key.token_row(&token.token_type, &token.scope, token.expires_at);
+        let aad = Aad::cached_token(AadVersion::CURRENT, &bound, None);
         let sealed = self.keys.seal(token.access_token.expose_secret().as_bytes(), &aad);
-        let row = CachedTokenRow {
+        CachedTokenRow {
             key_id: sealed.key_id.as_str().to_owned(),
             access_token_ciphertext: sealed.bytes,
             token_type: token.token_type.clone(),
             granted_scope: token.scope.clone(),
             issued_at: token.issued_at,
             expires_at: token.expires_at,
-        };
-        let stored =
-            token_cache::put(&mut tx, key.installation_id, &key.scope_key, key.credentials_version, &row).await?;
-        tx.commit().await?;
-        Ok(Obtained { token, minted: true, stored })
+            aad_version: AadVersion::CURRENT.as_column(),
+        }
     }
 
     /// The token in the shared table for `key`, if it satisfies the caller. A row that does not decrypt
@@ -531,17 +679,17 @@ impl Broker {
         installation: &Installation,
     ) -> Result<(secrecy::SecretString, secrecy::SecretString), BrokerError> {
         let unreadable = || BrokerError::CredentialsUnreadable(installation.id);
-        let (Some(key_id), Some(id_sealed), Some(secret_sealed)) = (
+        let (Some(key_id), Some(id_sealed), Some(secret_sealed), Some(version)) = (
             installation.key_id.as_deref(),
             installation.client_id_ciphertext.as_deref(),
             installation.client_secret_ciphertext.as_deref(),
+            AadVersion::from_column(installation.aad_version),
         ) else {
             return Err(unreadable());
         };
+        let row = installation.credential_row();
         let open = |sealed: &[u8], field| {
-            self.keys
-                .open_string(key_id, sealed, &Aad::installation(&installation.app_id, &installation.account_id, field))
-                .map_err(|error| {
+            self.keys.open_string(key_id, sealed, &Aad::credential(version, &row, field)).map_err(|error| {
                     tracing::error!(installation.id = %installation.id, error = %error, "stored credentials do not decrypt");
                     unreadable()
                 })
@@ -549,8 +697,12 @@ impl Broker {
         Ok((open(id_sealed, SecretField::ClientId)?, open(secret_sealed, SecretField::ClientSecret)?))
     }
 
-    /// Drops every in-memory token of an installation (its credentials changed or were erased).
+    /// Drops every in-memory token of an installation (its credentials changed or were erased), and what
+    /// this replica remembers of its failed mints (it may have been reactivated).
     pub fn forget(&self, installation_id: Uuid) {
+        if self.failing.remove(&installation_id).is_some() {
+            self.backoff.forget_where(move |key: &CacheKey| key.installation_id == installation_id);
+        }
         if self.holders.remove(&installation_id).is_none() {
             return;
         }

@@ -21,6 +21,9 @@ pub struct Token {
     expires_at_ms: i64,
     lifetime: Duration,
     answer: Answer,
+    /// Scopes the upstream granted beyond those requested: the token goes only to callers granted these
+    /// too (see [`Token::extra_scopes`]). Empty almost always.
+    extra_scopes: Box<[Box<str>]>,
 }
 
 /// The JSON answer to a token request for this token, serialized once when the token is made rather than
@@ -52,6 +55,23 @@ impl Answer {
     }
 }
 
+/// The scopes in `granted` (space- or comma-separated, as providers answer) that `requested` (a scope key)
+/// lacks.
+fn extra_scopes(granted: &str, requested: &str) -> Box<[Box<str>]> {
+    if granted == requested {
+        return Box::default();
+    }
+    let asked: Vec<&str> = requested.split(' ').collect();
+    let mut extra: Vec<Box<str>> = granted
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|scope| !scope.is_empty() && !asked.contains(scope))
+        .map(Box::from)
+        .collect();
+    extra.sort_unstable();
+    extra.dedup();
+    extra.into_boxed_slice()
+}
+
 /// Appends `value` as a JSON string, quoted and escaped by serde_json.
 fn push_json_string(out: &mut Vec<u8>, value: &str) {
     serde_json::to_writer(out, value).expect("serializing a str into a Vec cannot fail");
@@ -78,16 +98,40 @@ impl Token {
         let answer = Answer::new(&access_token, &token_type, expires_at, &scope);
         let expires_at_ms = expires_at.timestamp_millis();
         let lifetime = (expires_at - issued_at).to_std().unwrap_or_default();
-        Self { access_token, token_type, scope, issued_at, expires_at, expires_at_ms, lifetime, answer }
+        Self {
+            access_token,
+            token_type,
+            scope,
+            issued_at,
+            expires_at,
+            expires_at_ms,
+            lifetime,
+            answer,
+            extra_scopes: Box::default(),
+        }
+    }
+
+    /// Notes which granted scopes go beyond `requested` (a scope key: space-joined).
+    fn requested(mut self, requested: &str) -> Self {
+        self.extra_scopes = extra_scopes(&self.scope, requested);
+        self
     }
 
     pub(super) fn from_minted(minted: MintedToken, requested: &ScopeSet) -> Self {
         let scope = minted.scope.unwrap_or_else(|| requested.key().to_string());
         Self::new(minted.access_token, minted.token_type, scope, minted.issued_at, minted.expires_at)
+            .requested(requested.key())
     }
 
-    pub(super) fn from_row(access_token: SecretString, row: &CachedTokenRow) -> Self {
+    pub(super) fn from_row(access_token: SecretString, row: &CachedTokenRow, requested: &str) -> Self {
         Self::new(access_token, row.token_type.clone(), row.granted_scope.clone(), row.issued_at, row.expires_at)
+            .requested(requested)
+    }
+
+    /// The scopes the upstream granted beyond those requested. A provider that grants more than it was
+    /// asked must not turn a key granted `a` into a holder of a token for `a b c`.
+    pub fn extra_scopes(&self) -> &[Box<str>] {
+        &self.extra_scopes
     }
 
     /// The JSON body answering a token request at `now`: `access_token`, `token_type`, `expires_in`
@@ -189,6 +233,17 @@ mod tests {
         let at = |secs| t.issued_at + chrono::Duration::seconds(secs);
         assert!(t.fresh_for(Duration::from_secs(86_400), at(150)));
         assert!(!t.fresh_for(Duration::from_secs(86_400), at(151)));
+    }
+
+    #[test]
+    fn scopes_granted_beyond_the_request_are_noted() {
+        assert!(extra_scopes("a b", "a b").is_empty());
+        assert!(extra_scopes("b a", "a b").is_empty(), "order does not matter");
+        assert!(extra_scopes("a", "a b").is_empty(), "narrower is fine");
+        assert_eq!(&*extra_scopes("a b  c", "a"), [Box::from("b"), Box::from("c")]);
+        assert_eq!(&*extra_scopes("a,x", "a"), [Box::from("x")]);
+        let t = token_with("t", "Bearer", "a admin", 60).requested("a");
+        assert_eq!(t.extra_scopes(), [Box::from("admin")]);
     }
 
     #[test]

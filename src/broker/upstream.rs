@@ -66,7 +66,7 @@ pub struct MintedToken {
 }
 
 /// Why minting failed, as callers must branch on it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
     #[error("the upstream refused the client credentials (invalid_client)")]
     InvalidClient,

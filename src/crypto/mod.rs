@@ -8,7 +8,7 @@
 mod aad;
 mod key_ring;
 
-pub use aad::{Aad, SecretField};
+pub use aad::{Aad, AadVersion, CredentialRow, SecretField, TokenRow};
 pub use key_ring::{KeyId, KeyRing, KeyRingError, generate_key};
 
 use aes_gcm::aead::{Aead, AeadCore, OsRng, Payload};
@@ -92,8 +92,19 @@ mod tests {
         format!("new:{},old:{}", generate_key(), generate_key())
     }
 
+    fn aad_for(account: &str, field: SecretField) -> Aad {
+        let row = CredentialRow {
+            provider: "trackunit",
+            app_id: "@org/app",
+            account_id: account,
+            installation_id: uuid::Uuid::nil(),
+            credentials_version: 1,
+        };
+        Aad::credential(AadVersion::CURRENT, &row, field)
+    }
+
     fn aad(account: &str) -> Aad {
-        Aad::installation("@org/app", account, SecretField::ClientSecret)
+        aad_for(account, SecretField::ClientSecret)
     }
 
     #[test]
@@ -111,7 +122,7 @@ mod tests {
         let keys = ring(&two_key_spec());
         let sealed = keys.seal(b"s3cret", &aad("acc-1"));
         assert_eq!(keys.open("new", &sealed.bytes, &aad("acc-2")).unwrap_err(), OpenError::Unauthentic);
-        let other_field = Aad::installation("@org/app", "acc-1", SecretField::ClientId);
+        let other_field = aad_for("acc-1", SecretField::ClientId);
         assert_eq!(keys.open("new", &sealed.bytes, &other_field).unwrap_err(), OpenError::Unauthentic);
     }
 

@@ -40,4 +40,11 @@ pub enum IdentityError {
     WrongAudience,
     #[error("the token's {0} claim does not match the body")]
     ClaimMismatch(&'static str),
+    #[error("the token lives longer than TOKENVAULT_TRACKUNIT_MAX_TOKEN_LIFETIME_SECS allows")]
+    LifetimeTooLong,
+    /// The name comes from TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS, never from the token.
+    #[error("the token lacks the claim {0:?} that TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS requires")]
+    MissingClaim(String),
+    #[error("this identity token already delivered another message (one token, one message)")]
+    ReplayedWithOtherBody,
 }

@@ -20,6 +20,9 @@ const MAX_JWKS_BYTES: usize = 256 * 1024;
 const MAX_KEYS: usize = 64;
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
 const LONGEST_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// The longest a request for an unknown `kid` waits for the next allowed fetch rather than being told to
+/// retry (503): with a refresher fetching about as often as allowed, telling it to come back could repeat.
+const LONGEST_INLINE_WAIT: Duration = Duration::from_secs(1);
 /// Retry delay while no key set has ever loaded: short, because callbacks answer 503 until then.
 const RETRY_WHILE_EMPTY: Duration = Duration::from_secs(5);
 
@@ -214,6 +217,43 @@ fn rsa_bits(modulus: &[u8]) -> usize {
 
 struct Loaded {
     keys: Arc<KeySet>,
+    /// When the fetch that loaded `keys` started: a request that arrived before it may be answered from
+    /// this set, one that arrived after it may need another.
+    fetch_started: Instant,
+}
+
+/// When the last fetch started and what it found; kept under the lock that serializes fetches.
+#[derive(Default)]
+struct LastFetch {
+    started: Option<Instant>,
+    /// It read a valid JWKS without a usable key (all too weak, say): the endpoint answered, and a kid
+    /// it does not hold as a usable key is absent, not merely unknown yet.
+    no_usable_key: bool,
+}
+
+impl LastFetch {
+    async fn fetch(&mut self, cache: &JwksCache) -> Result<Duration, JwksError> {
+        let started = Instant::now();
+        self.started = Some(started);
+        let result = cache.fetch_and_store(started).await;
+        self.no_usable_key = matches!(result, Err(JwksError::NoUsableKey));
+        result
+    }
+}
+
+/// Whether a fetch newer than a request has run, for a token whose `kid` the set it saw lacked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refetch {
+    /// A newer set than the one the token was checked against is loaded: check it again.
+    Loaded,
+    /// A fetch that started after the request arrived failed: the kid may yet exist.
+    Failed { retry_after: Duration },
+    /// A fetch that started after the request arrived read the JWKS, and it holds no usable key at all:
+    /// the kid is not one (the old set keeps serving the kids it holds).
+    Absent,
+    /// The last fetch started before the request arrived, too recently to fetch again: the kid may be a
+    /// key published since. Ask the sender to retry when the next fetch is allowed.
+    NotAllowed { retry_after: Duration },
 }
 
 /// The cached key set and the means to refresh it.
@@ -222,8 +262,9 @@ pub struct JwksCache {
     http: reqwest::Client,
     min_refresh: Duration,
     current: RwLock<Option<Loaded>>,
-    /// When the last fetch started; held across a fetch so concurrent callers share it.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// The last fetch; held across a fetch so concurrent callers queue behind it and then see what it
+    /// loaded.
+    last_fetch: tokio::sync::Mutex<LastFetch>,
 }
 
 impl JwksCache {
@@ -233,12 +274,17 @@ impl JwksCache {
             http: outbound::client(Duration::from_secs(10)),
             min_refresh,
             current: RwLock::new(None),
-            last_fetch: tokio::sync::Mutex::new(None),
+            last_fetch: tokio::sync::Mutex::new(LastFetch::default()),
         }
     }
 
     pub fn current(&self) -> Option<Arc<KeySet>> {
         self.current.read().expect("JWKS lock poisoned").as_ref().map(|l| Arc::clone(&l.keys))
+    }
+
+    /// The current set and when the fetch that loaded it started.
+    pub fn current_with_age(&self) -> Option<(Arc<KeySet>, Instant)> {
+        self.current.read().expect("JWKS lock poisoned").as_ref().map(|l| (Arc::clone(&l.keys), l.fetch_started))
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -258,27 +304,58 @@ impl JwksCache {
     /// succeeded (the set may be the same as before).
     pub async fn refresh_if_stale(&self) -> bool {
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|at| at.elapsed() < self.min_refresh) {
+        if last.started.is_some_and(|at| at.elapsed() < self.min_refresh) {
             return false;
         }
-        *last = Some(Instant::now());
-        self.fetch_and_store().await.is_ok()
+        last.fetch(self).await.is_ok()
+    }
+
+    /// For a request that arrived at `arrived` and checked its token against `seen` (which lacked its
+    /// `kid`): makes sure a set at least as new as a fetch started after `arrived` is loaded, fetching if
+    /// the rate limit allows. Callers queue behind a fetch in progress, so every one of them sees what it
+    /// loaded; a flood of unknown kids still causes at most one fetch per `min_refresh`.
+    pub async fn refetch_after(&self, arrived: Instant, seen: &Arc<KeySet>) -> Refetch {
+        let mut last = self.last_fetch.lock().await;
+        if let Some((keys, fetch_started)) = self.current_with_age()
+            && (!Arc::ptr_eq(&keys, seen) || fetch_started >= arrived)
+        {
+            return Refetch::Loaded;
+        }
+        if let Some(at) = last.started {
+            let allowed_in = self.min_refresh.saturating_sub(at.elapsed());
+            if at >= arrived && last.no_usable_key {
+                return Refetch::Absent;
+            }
+            if at >= arrived {
+                return Refetch::Failed { retry_after: allowed_in.max(Duration::from_secs(1)) };
+            }
+            if allowed_in > LONGEST_INLINE_WAIT {
+                return Refetch::NotAllowed { retry_after: allowed_in };
+            }
+            // Allowed within a moment: wait for it here, holding the lock, so the callers queued behind
+            // are answered by that one fetch rather than told to come back.
+            tokio::time::sleep(allowed_in).await;
+        }
+        match last.fetch(self).await {
+            Ok(_) => Refetch::Loaded,
+            Err(JwksError::NoUsableKey) => Refetch::Absent,
+            Err(_) => Refetch::Failed { retry_after: self.min_refresh.max(Duration::from_secs(1)) },
+        }
     }
 
     /// Fetches now, whatever the rate limit; on success returns how long the answer may be cached.
     pub async fn refresh(&self) -> Result<Duration, JwksError> {
-        let mut last = self.last_fetch.lock().await;
-        *last = Some(Instant::now());
-        self.fetch_and_store().await
+        self.last_fetch.lock().await.fetch(self).await
     }
 
-    async fn fetch_and_store(&self) -> Result<Duration, JwksError> {
+    async fn fetch_and_store(&self, started: Instant) -> Result<Duration, JwksError> {
         let result = self.fetch().await;
         match &result {
             Ok((keys, max_age)) => {
                 tracing::info!(jwks.keys = keys.len(), jwks.max_age_s = max_age.as_secs(), "JWKS loaded");
                 metrics::counter!("tokenvault_jwks_refresh_total", "result" => "ok").increment(1);
-                *self.current.write().expect("JWKS lock poisoned") = Some(Loaded { keys: Arc::clone(keys) });
+                *self.current.write().expect("JWKS lock poisoned") =
+                    Some(Loaded { keys: Arc::clone(keys), fetch_started: started });
             }
             Err(error) => {
                 tracing::warn!(error = %error, kept_previous = self.is_loaded(), "JWKS refresh failed");

@@ -24,6 +24,11 @@ pub struct Policy {
     /// The `typ` header required, when set.
     pub token_type: Option<String>,
     pub leeway_secs: i64,
+    /// Longest lifetime accepted: `exp − iat`, or `exp − now` when there is no `iat`. Bounds how long a
+    /// captured token stays usable.
+    pub max_lifetime_secs: i64,
+    /// Claims the token must carry (names from settings, never from the token).
+    pub required_claims: Vec<String>,
 }
 
 impl Policy {
@@ -34,6 +39,8 @@ impl Policy {
             audience: settings.audience.clone(),
             token_type: settings.token_type.clone(),
             leeway_secs: i64::try_from(settings.leeway.as_secs()).unwrap_or(i64::MAX / 2),
+            max_lifetime_secs: i64::try_from(settings.max_token_lifetime.as_secs()).unwrap_or(i64::MAX / 2),
+            required_claims: settings.required_claims.clone(),
         }
     }
 }
@@ -43,9 +50,23 @@ impl Policy {
 pub struct VerifiedIdentity {
     /// `iat`, in seconds since the epoch, when present.
     pub issued_at: Option<i64>,
+    /// `exp`, in seconds since the epoch.
+    pub expires_at: i64,
+    /// `jti`, when present: what the replay memory knows the token by.
+    pub jti: Option<String>,
     pub account_id: Option<String>,
     pub iris_app_id: Option<String>,
+    /// The names (never the values) of the claims the token carries, sorted, at most [`MAX_CLAIM_NAMES`]
+    /// of at most [`MAX_CLAIM_NAME_CHARS`] characters each: what operators need to decide which claims to
+    /// require, since Trackunit documents none.
+    pub claim_names: Vec<String>,
 }
+
+/// Most claim names recorded of one token.
+pub const MAX_CLAIM_NAMES: usize = 32;
+/// Longest claim name recorded, in characters; longer ones are cut.
+pub const MAX_CLAIM_NAME_CHARS: usize = 64;
+const MAX_JTI_CHARS: usize = 256;
 
 impl VerifiedIdentity {
     /// If the token names an account or app, it must be the one the body names: a token signed for one
@@ -137,7 +158,8 @@ fn check_header(header: &Map<String, Value>, policy: &Policy) -> Result<Algorith
     if alg.eq_ignore_ascii_case("none") {
         return Err(IdentityError::AlgorithmNone);
     }
-    if alg.len() >= 2 && alg[..2].eq_ignore_ascii_case("HS") {
+    // `get`, not slicing: an attacker-chosen `alg` such as "aé" has no character boundary at byte 2.
+    if alg.get(..2).is_some_and(|prefix| prefix.eq_ignore_ascii_case("HS")) {
         return Err(IdentityError::SymmetricAlgorithm);
     }
     // `jku`, `x5u`, `jwk` and `x5c` are deliberately never read: keys come only from the configured JWKS.
@@ -193,6 +215,10 @@ fn check_claims(claims: &Map<String, Value>, policy: &Policy, now: i64) -> Resul
     {
         return Err(IdentityError::WrongIssuer);
     }
+    // A captured token is usable until it expires: refuse tokens that would stay usable for long.
+    if exp.saturating_sub(issued_at.unwrap_or(now)) > policy.max_lifetime_secs {
+        return Err(IdentityError::LifetimeTooLong);
+    }
     if let Some(expected) = &policy.audience {
         let matches = match claims.get("aud") {
             Some(Value::String(aud)) => aud == expected,
@@ -203,11 +229,32 @@ fn check_claims(claims: &Map<String, Value>, policy: &Policy, now: i64) -> Resul
             return Err(IdentityError::WrongAudience);
         }
     }
+    if let Some(missing) = policy.required_claims.iter().find(|name| !claims.contains_key(name.as_str())) {
+        return Err(IdentityError::MissingClaim(missing.clone()));
+    }
+    let jti = match claims.get("jti") {
+        None => None,
+        Some(Value::String(jti)) if !jti.is_empty() && jti.chars().count() <= MAX_JTI_CHARS => Some(jti.clone()),
+        Some(_) => return Err(IdentityError::Malformed("jti must be a short non-empty string")),
+    };
     Ok(VerifiedIdentity {
         issued_at,
+        expires_at: exp,
+        jti,
         account_id: optional_string(claims, "accountId")?,
         iris_app_id: optional_string(claims, "irisAppId")?,
+        claim_names: claim_names(claims),
     })
+}
+
+/// The sorted names of `claims`, bounded in number and length (see [`VerifiedIdentity::claim_names`]).
+fn claim_names(claims: &Map<String, Value>) -> Vec<String> {
+    let mut names: Vec<String> =
+        claims.keys().map(|name| name.chars().take(MAX_CLAIM_NAME_CHARS).collect::<String>()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.truncate(MAX_CLAIM_NAMES);
+    names
 }
 
 #[cfg(test)]
@@ -238,6 +285,8 @@ mod tests {
             audience: None,
             token_type: None,
             leeway_secs: 60,
+            max_lifetime_secs: 3600,
+            required_claims: Vec::new(),
         }
     }
 
@@ -382,6 +431,57 @@ mod tests {
         assert_eq!(check(&format!("{}.{other}.{}", parts[0], parts[2])), Err(IdentityError::BadSignature));
     }
 
+    #[test]
+    fn refuses_tokens_that_live_longer_than_the_bound() {
+        let check =
+            |claims: Value| verify_with(&sign(Algorithm::RS256, "rsa-a", "rsa-a", &claims), &keys(), &policy(), NOW);
+        assert!(check(json!({ "iat": NOW - 100, "exp": NOW + 3500 })).is_ok(), "exactly an hour");
+        assert_eq!(check(json!({ "iat": NOW - 100, "exp": NOW + 3501 })), Err(IdentityError::LifetimeTooLong));
+        assert_eq!(check(json!({ "iat": NOW - 86_400, "exp": NOW + 30 })), Err(IdentityError::LifetimeTooLong));
+        assert!(check(json!({ "exp": NOW + 3600 })).is_ok(), "without iat, exp at most the bound ahead");
+        assert_eq!(check(json!({ "exp": NOW + 3601 })), Err(IdentityError::LifetimeTooLong));
+    }
+
+    #[test]
+    fn required_claims_must_be_present_and_names_are_recorded_without_values() {
+        let policy = Policy { required_claims: vec!["irisAppId".into(), "accountId".into()], ..policy() };
+        let check =
+            |claims: Value| verify_with(&sign(Algorithm::RS256, "rsa-a", "rsa-a", &claims), &keys(), &policy, NOW);
+        assert_eq!(
+            check(json!({ "exp": NOW + 60, "irisAppId": "@o/a" })),
+            Err(IdentityError::MissingClaim("accountId".into()))
+        );
+        let identity =
+            check(json!({ "exp": NOW + 60, "irisAppId": "@o/a", "accountId": "acc", "jti": "j-1" })).unwrap();
+        assert_eq!(identity.claim_names, ["accountId", "exp", "irisAppId", "jti"]);
+        assert_eq!(identity.jti.as_deref(), Some("j-1"));
+        assert_eq!(identity.expires_at, NOW + 60);
+    }
+
+    /// Hostile header and token texts found by review or fuzzing, replayed on every run (see
+    /// `fuzz/corpus/identity/`): none may panic, none may verify.
+    #[test]
+    fn the_identity_fuzz_corpus_never_panics_or_verifies() {
+        let (keys, _) = shared();
+        let dir = format!("{}/fuzz/corpus/identity", env!("CARGO_MANIFEST_DIR"));
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let input = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let input = input.trim_end_matches('\n');
+            // A file holds either a whole token, or a JSON header to put in front of a valid payload.
+            let token = if input.starts_with('{') {
+                let (_, good) = shared();
+                let rest = good.split_once('.').unwrap().1;
+                format!("{}.{rest}", URL_SAFE_NO_PAD.encode(input.as_bytes()))
+            } else {
+                input.to_owned()
+            };
+            assert!(verify_with(&token, keys, &policy(), NOW).is_err(), "{input:?}");
+            seen += 1;
+        }
+        assert!(seen >= 2, "the corpus is read");
+    }
+
     /// The fixtures parsed once: the fuzz cases run thousands of times.
     fn shared() -> &'static (KeySet, String) {
         static SHARED: std::sync::OnceLock<(KeySet, String)> = std::sync::OnceLock::new();
@@ -395,8 +495,16 @@ mod tests {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(Value::from),
             any::<f64>().prop_map(|f| json!(f)),
-            prop_oneof![Just("RS256".to_owned()), Just("none".to_owned()), Just("rsa-a".to_owned()), "[ -~]{0,12}"]
-                .prop_map(Value::String),
+            prop_oneof![
+                Just("RS256".to_owned()),
+                Just("none".to_owned()),
+                Just("rsa-a".to_owned()),
+                "[ -~]{0,12}",
+                // Any Unicode: byte-wise slicing of a multi-byte character once panicked.
+                "\\PC{0,6}",
+                "[hH][sS]\\PC{0,3}",
+            ]
+            .prop_map(Value::String),
         ];
         leaf.prop_recursive(3, 24, 6, |inner| {
             prop_oneof![
@@ -456,6 +564,21 @@ mod tests {
             prop_assert!(verify_with(&token, keys, &policy(), NOW).is_err());
         }
 
+        /// A header of arbitrary Unicode text in `alg`, `kid` and `typ`: no panic, never accepted.
+        #[test]
+        fn fuzz_unicode_header_values_never_panic_or_verify(alg in "\\PC{0,8}", kid in "\\PC{0,8}", typ in "\\PC{0,8}") {
+            let (keys, good) = shared();
+            let header = json!({"alg": alg, "kid": kid, "typ": typ});
+            let rest = good.split_once('.').unwrap().1;
+            let token = format!("{}.{rest}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap()));
+            let typed = Policy { token_type: Some("JWT".into()), ..policy() };
+            prop_assert!(verify_with(&token, keys, &typed, NOW).is_err());
+            // Without a type policy, only the genuine header may verify.
+            if alg != "RS256" || kid != "rsa-a" {
+                prop_assert!(verify_with(&token, keys, &policy(), NOW).is_err());
+            }
+        }
+
         /// Arbitrary text: no panic, never accepted.
         #[test]
         fn fuzz_arbitrary_text_never_panics_or_verifies(text in "[ -~]{0,600}") {
@@ -466,7 +589,14 @@ mod tests {
 
     #[test]
     fn claims_naming_another_install_do_not_match() {
-        let identity = VerifiedIdentity { issued_at: None, account_id: Some("a1".into()), iris_app_id: None };
+        let identity = VerifiedIdentity {
+            issued_at: None,
+            expires_at: NOW,
+            jti: None,
+            account_id: Some("a1".into()),
+            iris_app_id: None,
+            claim_names: Vec::new(),
+        };
         assert!(identity.check_subject(Some("@o/x"), Some("a1")).is_ok());
         assert_eq!(identity.check_subject(Some("@o/x"), Some("a2")), Err(IdentityError::ClaimMismatch("accountId")));
     }

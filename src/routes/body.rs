@@ -13,6 +13,8 @@ use crate::error::ApiError;
 /// Longest time a client may take to send its body once the headers arrived (slow-loris defence;
 /// actix-web's `client_request_timeout` covers the headers).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes reserved for a body before any of it arrived. Real callbacks and token requests are smaller.
+pub const PREALLOCATED_BYTES: u64 = 4096;
 
 /// Refuses any content type but `application/json` or `application/*+json`.
 pub fn require_json(request: &HttpRequest) -> Result<(), ApiError> {
@@ -52,9 +54,10 @@ pub async fn read(
         return Err(ApiError::PayloadTooLarge(limit));
     }
     let read_all = async {
-        // Sized once from the declared length (already checked against `limit`), so the usual body is
-        // copied in without reallocating.
-        let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(0) as usize));
+        // Sized from the declared length, so the usual body is copied in without reallocating; but at most
+        // PREALLOCATED_BYTES, because the length is whatever an unauthenticated client claims: a flood of
+        // requests declaring 64 KiB and sending nothing must not reserve 64 KiB each.
+        let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(0).min(PREALLOCATED_BYTES) as usize));
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
             if body.len() + chunk.len() > limit {

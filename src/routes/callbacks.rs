@@ -5,18 +5,24 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use secrecy::SecretString;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::{AppState, body, openapi};
 use crate::domain::TextField;
 use crate::error::ApiError;
-use crate::identity::VerifyError;
-use crate::installs::{self, CallbackMessage, Outcome};
+use crate::identity::{IdentityError, VerifiedIdentity, VerifyError};
+use crate::installs::{self, ApplyError, CallbackMessage, Delivery, Outcome};
+use crate::rate_limit::PerSecond;
 
 /// Largest callback body accepted. A real one is a few hundred bytes.
 pub const MAX_CALLBACK_BYTES: usize = 64 * 1024;
 const IDENTITY_HEADER: &str = "Trackunit-Identity";
 /// How long Trackunit should wait when our signing keys are not loaded yet.
 pub(super) const KEYS_RETRY_AFTER_SECS: u64 = 5;
+/// Refused callbacks logged per second at most; the rest are counted (anyone can send refused callbacks).
+static REFUSALS_LOGGED: PerSecond = PerSecond::new(5);
+/// Longest attacker-controlled text put in a log field.
+const LONGEST_LOGGED_FIELD: usize = 64;
 
 #[utoipa::path(
     post,
@@ -54,7 +60,7 @@ pub async fn trackunit(
 ) -> Result<HttpResponse, ApiError> {
     let result = receive(&request, payload, &state).await;
     let label = match &result {
-        Ok(outcome) => outcome.label(),
+        Ok((outcome, _)) => outcome.label(),
         Err(error) => error.code(),
     };
     tracing::Span::current().record("callback.outcome", label);
@@ -62,10 +68,14 @@ pub async fn trackunit(
     match &result {
         Ok(_) => tracing::info!("callback handled"),
         Err(ApiError::Internal(_)) => {}
-        Err(error) => tracing::warn!(error = %error, "callback refused"),
+        Err(error) => match REFUSALS_LOGGED.allow() {
+            Some(suppressed) => tracing::warn!(error = %error, suppressed, "callback refused"),
+            None => {
+                metrics::counter!("tokenvault_log_lines_suppressed_total", "event" => "callback_refused").increment(1)
+            }
+        },
     }
-    let outcome = result?;
-    let status = if outcome == Outcome::Ignored { StatusCode::ACCEPTED } else { StatusCode::NO_CONTENT };
+    let (_, status) = result?;
     Ok(HttpResponse::build(status).finish())
 }
 
@@ -74,7 +84,7 @@ async fn receive(
     request: &HttpRequest,
     payload: web::Payload,
     state: &web::Data<AppState>,
-) -> Result<Outcome, ApiError> {
+) -> Result<(Outcome, StatusCode), ApiError> {
     body::require_json(request)?;
     let raw = body::read(request, payload, MAX_CALLBACK_BYTES).await?;
 
@@ -89,23 +99,36 @@ async fn receive(
     super::offload(state, async move { handle(&header, raw, &state_for_task).await }).await
 }
 
-/// Verify, parse, authorise, store.
-async fn handle(header: &str, raw: zeroize::Zeroizing<Vec<u8>>, state: &AppState) -> Result<Outcome, ApiError> {
+/// Verify, parse, authorise, store. Answers the outcome and the status that says it (a retry gets the
+/// status of the message it repeats).
+async fn handle(
+    header: &str,
+    raw: zeroize::Zeroizing<Vec<u8>>,
+    state: &AppState,
+) -> Result<(Outcome, StatusCode), ApiError> {
     let identity = state.identity.verify(header).await.map_err(|error| match error {
         VerifyError::Invalid(error) => ApiError::InvalidIdentity(error),
         VerifyError::KeysUnavailable => ApiError::IdentityKeysUnavailable { retry_after_secs: KEYS_RETRY_AFTER_SECS },
+        VerifyError::KeyNotYetKnown { retry_after } => {
+            // Whole seconds, rounded up: retrying a moment too early would be answered the same.
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            ApiError::IdentityKeysUnavailable { retry_after_secs: secs.max(1) }
+        }
     })?;
+    state.claim_names.note(&identity.claim_names, &state.runtime);
 
     let message = parse(&raw)?;
+    let body_sha256: [u8; 32] = Sha256::digest(&raw[..]).into();
     drop(raw);
     let span = tracing::Span::current();
     let (app_id, account_id) = match &message {
         CallbackMessage::Installed { app_id, account_id, .. } | CallbackMessage::Uninstalled { app_id, account_id } => {
-            span.record("app.id", app_id.as_str()).record("account.id", account_id.as_str());
+            span.record("app.id", truncated(app_id.as_str(), LONGEST_LOGGED_FIELD))
+                .record("account.id", truncated(account_id.as_str(), LONGEST_LOGGED_FIELD));
             (Some(app_id.as_str()), Some(account_id.as_str()))
         }
         CallbackMessage::Other { message_type } => {
-            span.record("callback.type", message_type.as_str());
+            span.record("callback.type", truncated(message_type.as_str(), LONGEST_LOGGED_FIELD));
             (None, None)
         }
     };
@@ -118,7 +141,12 @@ async fn handle(header: &str, raw: zeroize::Zeroizing<Vec<u8>>, state: &AppState
         return Err(ApiError::AppNotAllowed);
     }
 
-    let outcome = installs::apply(&state.pool, &state.keys, &message, identity.issued_at).await?;
+    let delivery = delivery(header, &identity, body_sha256, state.identity.policy().leeway_secs);
+    let outcome =
+        installs::apply(&state.pool, &state.keys, &message, &delivery).await.map_err(|error| match error {
+            ApplyError::Replayed => ApiError::InvalidIdentity(IdentityError::ReplayedWithOtherBody),
+            ApplyError::Database(error) => error.into(),
+        })?;
     if let Some(id) = outcome.changed_installation() {
         // This replica drops its copies now; the others on the NOTIFY the row change triggers.
         state.broker.forget(id);
@@ -126,7 +154,37 @@ async fn handle(header: &str, raw: zeroize::Zeroizing<Vec<u8>>, state: &AppState
             state.directory.forget_account(account_id);
         }
     }
-    Ok(outcome)
+    let status = match message {
+        CallbackMessage::Other { .. } => StatusCode::ACCEPTED,
+        _ => StatusCode::NO_CONTENT,
+    };
+    Ok((outcome, status))
+}
+
+/// What the replay memory and the watermark need of the verified token: it is known by its `jti` when it
+/// has one, else by the whole compact token; it is remembered until it could no longer verify.
+fn delivery(header: &str, identity: &VerifiedIdentity, body_sha256: [u8; 32], leeway_secs: i64) -> Delivery {
+    let mut digest = Sha256::new();
+    match &identity.jti {
+        Some(jti) => digest.update(format!("jti:{jti}")),
+        None => digest.update(format!("jwt:{}", crate::identity::strip_bearer(header))),
+    }
+    let expires_at = identity.expires_at.saturating_add(leeway_secs);
+    Delivery {
+        token_sha256: digest.finalize().into(),
+        body_sha256,
+        issued_at: identity.issued_at.and_then(|secs| chrono::DateTime::from_timestamp(secs, 0)),
+        remember_until: chrono::DateTime::from_timestamp(expires_at, 0)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+    }
+}
+
+/// `value` cut to at most `max` characters, for attacker-controlled text in a log field.
+fn truncated(value: &str, max: usize) -> &str {
+    match value.char_indices().nth(max) {
+        Some((at, _)) => &value[..at],
+        None => value,
+    }
 }
 
 /// Parses a callback body: a JSON object (no duplicate keys) whose `type` selects the fields required.
@@ -187,6 +245,12 @@ mod tests {
         ] {
             assert!(matches!(parse(body), Err(ApiError::InvalidRequest(_))), "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn logged_fields_are_cut_on_character_boundaries() {
+        assert_eq!(truncated("héllo", 2), "hé");
+        assert_eq!(truncated("hi", 5), "hi");
     }
 
     #[test]

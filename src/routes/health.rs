@@ -3,7 +3,6 @@
 use actix_web::{HttpResponse, web};
 
 use super::{AppState, openapi};
-use crate::store;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -38,7 +37,8 @@ async fn healthz() -> HttpResponse {
     tags = ["public", "internal"],
     summary = "Readiness",
     description = "Ready when the database answers and Trackunit's signing keys (JWKS) are loaded. Served by both \
-                   listeners. The 503 is plain JSON, not a problem.",
+                   listeners. The database's answer is from a probe at most a second old, shared by concurrent \
+                   requests. The 503 is plain JSON, not a problem.",
     responses(
         (status = 200, description = "Ready.", body = openapi::Readiness,
          example = json!({"database": true, "jwks": true})),
@@ -48,8 +48,8 @@ async fn healthz() -> HttpResponse {
     ),
 )]
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let pool = state.pool.clone();
-    let database = super::offload(&state, async move { Ok(store::ping(&pool).await) }).await.unwrap_or(false);
+    let task_state = web::Data::clone(&state);
+    let database = super::offload(&state, async move { Ok(task_state.database.is_up().await) }).await.unwrap_or(false);
     let jwks = state.identity.keys().is_loaded();
     let body = serde_json::json!({ "database": database, "jwks": jwks });
     if database && jwks {

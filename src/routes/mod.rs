@@ -28,6 +28,9 @@ pub struct AppState {
     pub pool: PgPool,
     pub keys: Arc<KeyRing>,
     pub identity: IdentityVerifier,
+    pub claim_names: crate::claim_names::ClaimNames,
+    /// Whether the database answers, probed at most once a second (`/readyz`).
+    pub database: crate::readiness::DatabaseProbe,
     pub broker: Arc<Broker>,
     pub directory: Arc<Directory>,
     pub apps: Option<HashSet<String>>,

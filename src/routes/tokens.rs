@@ -120,7 +120,14 @@ fn cached_token(
     let wanted = parse(body).ok()?;
     authorize(&client, &wanted).ok()?;
     let app_id = wanted.app_id.as_ref().map(TextField::as_str);
-    let (token, lease) = state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl)?;
+    let (token, lease) =
+        state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl, |app| {
+            client.may_use_app(app)
+        })?;
+    // A token granted more than was asked: the full path decides (and refuses a caller not granted it all).
+    if !token.extra_scopes().is_empty() && beyond_grant(&client, &token).is_some() {
+        return None;
+    }
     record_on_span(&client, lease.installation());
     repeat::learn(state, generation, digest, body, client, lease);
     Some(token)
@@ -133,10 +140,16 @@ pub(super) fn record_on_span(client: &ApiClient, installation: &Installation) {
     span.record("installation.id", tracing::field::display(installation.id));
 }
 
-/// 403 unless `client` is granted the account and every scope (whether or not the account is installed).
+/// 403 unless `client` is granted the account, the app when one is named, and every scope (whether or
+/// not the account is installed).
 fn authorize(client: &ApiClient, wanted: &TokenRequest) -> Result<(), ApiError> {
     if !client.may_access_account(wanted.account_id.as_str()) {
         return Err(ApiError::Forbidden("this key is not granted this account".into()));
+    }
+    if let Some(app_id) = &wanted.app_id
+        && !client.may_use_app(app_id.as_str())
+    {
+        return Err(ApiError::Forbidden("this key is not granted this app".into()));
     }
     if let Some(scope) = wanted.scopes.iter().find(|s| !client.may_request_scope(s)) {
         return Err(ApiError::Forbidden(format!("this key is not granted the scope {scope:?}")));
@@ -158,18 +171,53 @@ async fn issue_token(
     authorize(&client, &wanted)?;
 
     let broker = &state.broker;
-    let installation = broker
-        .resolve(wanted.account_id.as_str(), wanted.app_id.as_ref().map(TextField::as_str))
-        .await
-        .map_err(broker_error)?;
-    span.record("installation.id", tracing::field::display(installation.id));
-    broker.token(&installation, &wanted.scopes, wanted.min_ttl).await.map_err(broker_error)
+    let app_id = wanted.app_id.as_ref().map(TextField::as_str);
+    // Twice at most: an installation that changed while the request waited for a mint is looked up again.
+    let mut looked_up = 0;
+    let token = loop {
+        looked_up += 1;
+        let installation = broker
+            .resolve(wanted.account_id.as_str(), app_id, |app| client.may_use_app(app))
+            .await
+            .map_err(broker_error)?;
+        span.record("installation.id", tracing::field::display(installation.id));
+        match broker.token(&installation, &wanted.scopes, wanted.min_ttl).await {
+            Err(BrokerError::Changed) if looked_up < 2 => continue,
+            other => break other.map_err(broker_error)?,
+        }
+    };
+    if let Some(extra) = beyond_grant(&client, &token) {
+        metrics::counter!("tokenvault_token_scope_exceeded_total").increment(1);
+        tracing::warn!(
+            client.name = %client.name,
+            extra_scopes = %extra,
+            "the token endpoint granted scopes beyond the request that this key is not granted; token withheld"
+        );
+        return Err(ApiError::Forbidden(format!("the token endpoint granted scopes this key is not granted: {extra}")));
+    }
+    Ok(token)
+}
+
+/// The scopes `token` carries beyond its request that `client` is not granted, space-joined (shown only
+/// when they are valid scope-tokens; each is at most 256 characters).
+fn beyond_grant(client: &ApiClient, token: &crate::broker::Token) -> Option<String> {
+    let missing: Vec<&str> = token
+        .extra_scopes()
+        .iter()
+        .map(|scope| &**scope)
+        .filter(|scope| !client.may_request_scope(scope))
+        .map(|scope| if crate::domain::Scope::parse(scope).is_ok() { scope } else { "(unprintable scope)" })
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" "))
 }
 
 fn broker_error(error: BrokerError) -> ApiError {
     match error {
-        BrokerError::NotInstalled => ApiError::NotInstalled,
+        BrokerError::NotInstalled | BrokerError::Changed => ApiError::NotInstalled,
         BrokerError::AmbiguousApp => ApiError::AmbiguousApp,
+        BrokerError::AppNotGranted => {
+            ApiError::Forbidden("this key is not granted the app of this installation".into())
+        }
         BrokerError::PreviouslyRejected | BrokerError::Upstream(UpstreamError::InvalidClient) => {
             ApiError::UpstreamRejected("the client credentials are invalid (invalid_client)".into())
         }

@@ -9,6 +9,8 @@ pub struct ApiClient {
     pub name: String,
     pub accounts: Vec<String>,
     pub scopes: Vec<String>,
+    /// Trackunit apps (`irisAppId`s) this client may get tokens of; `*` for all.
+    pub apps: Vec<String>,
     pub admin: bool,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -25,6 +27,10 @@ impl ApiClient {
     pub fn may_request_scope(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == WILDCARD || s == scope)
     }
+
+    pub fn may_use_app(&self, app_id: &str) -> bool {
+        self.apps.iter().any(|a| a == WILDCARD || a == app_id)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,25 +41,33 @@ pub enum CreateError {
     Database(#[from] sqlx::Error),
 }
 
-const COLUMNS: &str = "id, name, accounts, scopes, admin, created_at, revoked_at";
+const COLUMNS: &str = "id, name, accounts, scopes, apps, admin, created_at, revoked_at";
+
+/// What a new client is granted.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    pub accounts: Vec<String>,
+    pub scopes: Vec<String>,
+    pub apps: Vec<String>,
+    pub admin: bool,
+}
 
 pub async fn create(
     pool: &PgPool,
     name: &str,
     key_sha256: &[u8; 32],
-    accounts: &[String],
-    scopes: &[String],
-    admin: bool,
+    grants: &Grants,
 ) -> Result<ApiClient, CreateError> {
     sqlx::query_as(&format!(
-        "insert into api_client (name, key_sha256, accounts, scopes, admin) values ($1, $2, $3, $4, $5)
+        "insert into api_client (name, key_sha256, accounts, scopes, apps, admin) values ($1, $2, $3, $4, $5, $6)
          returning {COLUMNS}"
     ))
     .bind(name)
     .bind(&key_sha256[..])
-    .bind(accounts)
-    .bind(scopes)
-    .bind(admin)
+    .bind(&grants.accounts)
+    .bind(&grants.scopes)
+    .bind(&grants.apps)
+    .bind(grants.admin)
     .fetch_one(pool)
     .await
     .map_err(|error| match &error {
@@ -70,6 +84,13 @@ pub async fn find_active(pool: &PgPool, key_sha256: &[u8; 32]) -> sqlx::Result<O
         .bind(&key_sha256[..])
         .fetch_optional(pool)
         .await
+}
+
+/// The key digests of every unrevoked client.
+pub async fn active_digests(pool: &PgPool) -> sqlx::Result<Vec<[u8; 32]>> {
+    let rows: Vec<Vec<u8>> =
+        sqlx::query_scalar("select key_sha256 from api_client where revoked_at is null").fetch_all(pool).await?;
+    Ok(rows.into_iter().filter_map(|digest| digest.try_into().ok()).collect())
 }
 
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<ApiClient>> {

@@ -4,7 +4,10 @@
 
 pub mod api_client;
 pub mod callback_event;
+pub mod identity_claim_set;
+pub mod identity_replay;
 pub mod installation;
+pub mod mint_failure;
 pub mod token_cache;
 
 use std::str::FromStr;

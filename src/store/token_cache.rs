@@ -11,6 +11,8 @@ pub struct CachedTokenRow {
     pub granted_scope: String,
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The associated-data format the ciphertext was sealed with (see `crypto::AadVersion`).
+    pub aad_version: i16,
 }
 
 /// Serializes minting of one (installation, scope set) across every process sharing the database, until
@@ -30,7 +32,7 @@ pub async fn get(
     credentials_version: i64,
 ) -> sqlx::Result<Option<CachedTokenRow>> {
     sqlx::query_as(
-        "select key_id, access_token_ciphertext, token_type, granted_scope, issued_at, expires_at
+        "select key_id, access_token_ciphertext, token_type, granted_scope, issued_at, expires_at, aad_version
          from token_cache where installation_id = $1 and scope_key = $2 and credentials_version = $3",
     )
     .bind(installation_id)
@@ -51,15 +53,15 @@ pub async fn put(
 ) -> sqlx::Result<bool> {
     sqlx::query(
         "insert into token_cache (installation_id, scope_key, credentials_version, key_id,
-             access_token_ciphertext, token_type, granted_scope, issued_at, expires_at)
-         select $1, $2, $3, $4, $5, $6, $7, $8, $9
+             access_token_ciphertext, token_type, granted_scope, issued_at, expires_at, aad_version)
+         select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
          where exists (select 1 from installation
                        where id = $1 and credentials_version = $3 and status = 'active')
          on conflict on constraint token_cache_pkey do update set
              credentials_version = excluded.credentials_version, key_id = excluded.key_id,
              access_token_ciphertext = excluded.access_token_ciphertext, token_type = excluded.token_type,
              granted_scope = excluded.granted_scope, issued_at = excluded.issued_at,
-             expires_at = excluded.expires_at",
+             expires_at = excluded.expires_at, aad_version = excluded.aad_version",
     )
     .bind(installation_id)
     .bind(scope_key)
@@ -70,6 +72,7 @@ pub async fn put(
     .bind(&row.granted_scope)
     .bind(row.issued_at)
     .bind(row.expires_at)
+    .bind(row.aad_version)
     .execute(conn)
     .await
     .map(|result| result.rows_affected() == 1)
@@ -87,8 +90,8 @@ pub struct KeyedRow {
     pub installation_id: Uuid,
     pub scope_key: String,
     pub credentials_version: i64,
-    pub key_id: String,
-    pub access_token_ciphertext: Vec<u8>,
+    #[sqlx(flatten)]
+    pub row: CachedTokenRow,
 }
 
 /// Deletes tokens that have expired: they can never be served again, and they would keep an old key in use.
@@ -96,53 +99,70 @@ pub async fn delete_expired(conn: &mut PgConnection) -> sqlx::Result<u64> {
     Ok(sqlx::query("delete from token_cache where expires_at < now()").execute(conn).await?.rows_affected())
 }
 
-/// Locks up to `limit` cached tokens sealed under a key other than `primary`, skipping rows that failed.
-pub async fn lock_sealed_under_other_keys(
+/// Locks up to `limit` cached tokens sealed under a key other than `primary` or with associated data older
+/// than `aad_version`, skipping rows that failed.
+pub async fn lock_needing_reseal(
     conn: &mut PgConnection,
     primary: &str,
+    aad_version: i16,
     exclude: &[String],
     limit: i64,
 ) -> sqlx::Result<Vec<KeyedRow>> {
     sqlx::query_as(
-        "select installation_id, scope_key, credentials_version, key_id, access_token_ciphertext from token_cache
-         where key_id <> $1 and not ((installation_id::text || '/' || scope_key) = any($2))
+        "select installation_id, scope_key, credentials_version, key_id, access_token_ciphertext, token_type,
+             granted_scope, issued_at, expires_at, aad_version
+         from token_cache
+         where (key_id <> $1 or aad_version < $4) and not ((installation_id::text || '/' || scope_key) = any($2))
          order by installation_id, scope_key limit $3 for update",
     )
     .bind(primary)
     .bind(exclude)
     .bind(limit)
+    .bind(aad_version)
     .fetch_all(conn)
     .await
 }
 
-pub async fn reseal(conn: &mut PgConnection, row: &KeyedRow, key_id: &str, ciphertext: &[u8]) -> sqlx::Result<()> {
+pub async fn reseal(
+    conn: &mut PgConnection,
+    row: &KeyedRow,
+    key_id: &str,
+    ciphertext: &[u8],
+    aad_version: i16,
+) -> sqlx::Result<()> {
     sqlx::query(
-        "update token_cache set key_id = $3, access_token_ciphertext = $4
+        "update token_cache set key_id = $3, access_token_ciphertext = $4, aad_version = $5
          where installation_id = $1 and scope_key = $2",
     )
     .bind(row.installation_id)
     .bind(&row.scope_key)
     .bind(key_id)
     .bind(ciphertext)
+    .bind(aad_version)
     .execute(conn)
     .await
     .map(drop)
 }
 
-/// Deletes expired tokens every `period` until the process ends. Every replica runs it; the deletes are
-/// idempotent.
+/// Deletes expired tokens and expired identity-replay records every `period` until the process ends.
+/// Every replica runs it; the deletes are idempotent.
 pub fn spawn_purger(pool: sqlx::PgPool, period: std::time::Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(period).await;
             let deleted = match pool.acquire().await {
-                Ok(mut conn) => delete_expired(&mut conn).await,
+                Ok(mut conn) => match delete_expired(&mut conn).await {
+                    Ok(tokens) => {
+                        super::identity_replay::delete_expired(&mut conn).await.map(|replays| tokens + replays)
+                    }
+                    Err(error) => Err(error),
+                },
                 Err(error) => Err(error),
             };
             match deleted {
                 Ok(0) => {}
-                Ok(rows) => tracing::debug!(rows, "expired cached tokens deleted"),
-                Err(error) => tracing::debug!(error = %error, "purging expired cached tokens failed; will retry"),
+                Ok(rows) => tracing::debug!(rows, "expired cached tokens and identity records deleted"),
+                Err(error) => tracing::debug!(error = %error, "purging expired rows failed; will retry"),
             }
         }
     })

@@ -105,8 +105,19 @@ pub fn jwk(name: &str) -> Value {
     serde_json::from_slice(&fixture(&format!("{name}.jwk.json"))).unwrap()
 }
 
-/// Signs `claims` as Trackunit would, with the named fixture key and its kid.
+/// Signs `claims` as Trackunit would, with the named fixture key and its kid, adding a random `jti` when
+/// the claims have none: one identity token delivers one message, so two callbacks of one test must not
+/// carry the same token by accident (two tokens signed in the same second would be identical).
 pub fn sign(key: &str, alg: Algorithm, claims: &Value) -> String {
+    let mut claims = claims.clone();
+    if let Some(object) = claims.as_object_mut() {
+        object.entry("jti").or_insert_with(|| json!(uuid::Uuid::new_v4().to_string()));
+    }
+    sign_exact(key, alg, &claims)
+}
+
+/// Signs exactly `claims` (see [`sign`]).
+pub fn sign_exact(key: &str, alg: Algorithm, claims: &Value) -> String {
     let pem = fixture(&format!("{key}.pem"));
     let encoding = match alg {
         Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
@@ -457,6 +468,27 @@ impl TestApp {
         self.callback_raw(identity, "application/json", serde_json::to_vec(body).unwrap()).await
     }
 
+    /// [`TestApp::callback`], retried as a sender should while the answer is 503 `identity_keys_unavailable`
+    /// (a token naming a key the loaded JWKS lacks: tokenvault refetches once its minimum interval allows),
+    /// after the `Retry-After` it gives. Returns the first other answer.
+    pub async fn callback_retrying(&self, identity: Option<&str>, body: &Value) -> reqwest::Response {
+        for _ in 0..5 {
+            let response = self.callback(identity, body).await;
+            if response.status() != 503 {
+                return response;
+            }
+            let wait: u64 = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .expect("a 503 says when to retry");
+            assert!(wait <= 2, "the tests' minimum JWKS refresh interval is 1 s, so the wait is short: {wait}");
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+        panic!("still 503 after five retries");
+    }
+
     pub async fn callback_raw(&self, identity: Option<&str>, content_type: &str, body: Vec<u8>) -> reqwest::Response {
         let mut request = self
             .http
@@ -482,7 +514,9 @@ impl TestApp {
         let key = ServiceKey::generate();
         let to_vec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let name = format!("client-{}", uuid::Uuid::new_v4().simple());
-        api_client::create(&self.pool, &name, &key.sha256(), &to_vec(accounts), &to_vec(scopes), admin).await.unwrap();
+        let grants =
+            api_client::Grants { accounts: to_vec(accounts), scopes: to_vec(scopes), apps: vec!["*".into()], admin };
+        api_client::create(&self.pool, &name, &key.sha256(), &grants).await.unwrap();
         key.expose().to_owned()
     }
 

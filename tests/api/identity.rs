@@ -55,13 +55,72 @@ async fn a_bad_signature_gets_401() {
 }
 
 #[tokio::test]
-async fn an_unknown_kid_gets_401() {
-    let app = spawn_app().await;
+async fn an_unknown_kid_gets_401_once_a_jwks_fetched_after_the_request_lacks_it() {
+    let app = spawn_app_with(Options { jwks_max_age: 3600, ..Options::default() }).await;
     let pem = fixture("rsa-a.pem");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("not-in-the-jwks".into());
     let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
+    // Past the tests' 1 s minimum refresh interval: the request's own refetch decides.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let fetches = app.jwks_fetches().await;
     refused(&app, Some(&token), "invalid_identity").await;
+    assert_eq!(app.jwks_fetches().await, fetches + 1, "refused after a fetch that started after it arrived");
+}
+
+#[tokio::test]
+async fn an_unknown_kid_right_after_a_fetch_gets_503_with_retry_after_and_then_the_new_key_is_accepted() {
+    // Trackunit rotates its keys: a callback signed by a key published a moment after our last fetch must
+    // be retried by the sender, not refused for good.
+    let app = spawn_app_with(Options {
+        jwks_max_age: 3600,
+        vars: vec![("TOKENVAULT_TRACKUNIT_JWKS_MIN_REFRESH_SECS", "2".into())],
+        ..Options::default()
+    })
+    .await;
+    let pem = fixture("rsa-a.pem");
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rotated-in".into());
+    let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
+    let mut rotated = jwk("rsa-a");
+    rotated["kid"] = "rotated-in".into();
+    *app.jwks.lock().unwrap() = json!({ "keys": [jwk("rsa-a"), rotated] });
+    let body = installed_body("acc-1", &credentials());
+
+    // The start-up fetch was a moment ago: no refetch is allowed yet.
+    let response = app.callback(Some(&token), &body).await;
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after), "the seconds until a refetch is allowed: {retry_after}");
+    assert_problem(response, 503, "identity_keys_unavailable").await;
+    assert_eq!(app.installation_count().await, 0);
+
+    tokio::time::sleep(std::time::Duration::from_secs(retry_after)).await;
+    assert_eq!(app.callback(Some(&token), &body).await.status(), 204, "the retry finds the new key");
+    assert_eq!(app.installation_count().await, 1);
+}
+
+#[tokio::test]
+async fn every_callback_that_queued_behind_the_refetch_that_loaded_a_new_key_is_accepted() {
+    let app = spawn_app_with(Options { jwks_max_age: 3600, ..Options::default() }).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut rotated = jwk("rsa-b");
+    rotated["kid"] = "rotated-b".into();
+    *app.jwks.lock().unwrap() = json!({ "keys": [jwk("rsa-a"), rotated] });
+    let pem = fixture("rsa-b.pem");
+    let fetches = app.jwks_fetches().await;
+    let sends = (0..10).map(|i| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("rotated-b".into());
+        let claims = json!({ "iat": now(), "exp": now() + 300, "jti": format!("queued-{i}") });
+        let token = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
+        let body = installed_body(&format!("acc-{i}"), &credentials());
+        let app = &app;
+        async move { app.callback(Some(&token), &body).await.status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(sends).await;
+    assert_eq!(statuses, [204; 10], "every waiter verified against the freshest set");
+    assert_eq!(app.installation_count().await, 10);
+    assert_eq!(app.jwks_fetches().await, fetches + 1, "one fetch for all of them");
 }
 
 #[tokio::test]
@@ -179,7 +238,7 @@ async fn a_key_removed_from_the_jwks_stops_working_after_the_refresh() {
     // The fake JWKS says max-age=1 and the test minimum refresh interval is 1 s.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let before = app.snapshot().await;
-    let response = app.callback(Some(&by_b()), &installed_body("acc-1", &credentials())).await;
+    let response = app.callback_retrying(Some(&by_b()), &installed_body("acc-1", &credentials())).await;
     assert_problem(response, 401, "invalid_identity").await;
     assert_eq!(app.snapshot().await, before);
 }
@@ -220,9 +279,13 @@ async fn unknown_kids_refetch_the_jwks_at_most_once_per_min_refresh_interval() {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(format!("unknown-{i}"));
         let token = jsonwebtoken::encode(&header, &fresh_claims(), &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap();
-        refused(&app, Some(&token), "invalid_identity").await;
+        let response = app.callback(Some(&token), &installed_body("acc-1", &credentials())).await;
+        let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=30).contains(&retry_after), "until the next fetch is allowed: {retry_after}");
+        assert_problem(response, 503, "identity_keys_unavailable").await;
     }
     assert_eq!(app.jwks_fetches().await, fetches, "the start-up fetch was under 30 s ago: no refetch");
+    assert_eq!(app.installation_count().await, 0);
 }
 
 #[tokio::test]

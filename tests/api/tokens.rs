@@ -275,7 +275,10 @@ async fn upstream_invalid_scope_gives_422_and_other_4xx_give_502() {
     app.upstream.set(vec![Upstream::Fail { status: 400, body: json!({"error": "invalid_scope"}) }]);
     assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 422, "invalid_scope").await;
     app.upstream.set(vec![Upstream::Fail { status: 403, body: json!({"error": "access_denied"}) }]);
-    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 502, "upstream_rejected").await;
+    // Another scope set: the first backs off, answering its refusal without calling again.
+    assert_problem(app.token(&key, &request("acc-1", &["b"])).await, 502, "upstream_rejected").await;
+    assert_problem(app.token(&key, &request("acc-1", &["a"])).await, 422, "invalid_scope").await;
+    assert_eq!(app.upstream.call_count(), 2, "a refused key backs off: its refusal is answered again");
     assert_eq!(app.status_of("acc-1").await, "active", "only invalid_client rejects the installation");
 }
 
