@@ -14,6 +14,8 @@ create table mint_failure (
     -- For `rejected`: the HTTP status and the OAuth2 error code (never the error description).
     http_status integer,
     error_code text,
+    -- For `failed`: how many attempts the failing mint made.
+    attempts integer,
     updated_at timestamptz not null default now(),
     constraint mint_failure_pkey primary key (installation_id, scope_key),
     constraint mint_failure_installation_fkey foreign key (installation_id)

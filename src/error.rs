@@ -37,6 +37,8 @@ pub enum ApiError {
     InstallationNotFound,
     #[error("the account has several active installations; say which with app_id")]
     AmbiguousApp,
+    #[error("the installation holds no credentials (uninstalled or revoked); only a new INSTALLED brings it back")]
+    NoCredentials,
     #[error("the upstream refused one of the requested scopes")]
     InvalidScope,
     #[error("the upstream refused the request: {0}")]
@@ -74,6 +76,7 @@ impl ApiError {
             ApiError::NotInstalled => "not_installed",
             ApiError::InstallationNotFound | ApiError::NotFound => "not_found",
             ApiError::AmbiguousApp => "ambiguous_app",
+            ApiError::NoCredentials => "no_credentials",
             ApiError::InvalidScope => "invalid_scope",
             ApiError::UpstreamRejected(_) => "upstream_rejected",
             ApiError::UpstreamError(_) => "upstream_error",
@@ -150,7 +153,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) | ApiError::AppNotAllowed => StatusCode::FORBIDDEN,
             ApiError::NotInstalled | ApiError::InstallationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::AmbiguousApp => StatusCode::CONFLICT,
+            ApiError::AmbiguousApp | ApiError::NoCredentials => StatusCode::CONFLICT,
             ApiError::InvalidScope => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UpstreamRejected(_) | ApiError::UpstreamError(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamUnavailable { .. }

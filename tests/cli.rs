@@ -51,6 +51,8 @@ fn every_subcommand_has_help() {
         &["clients", "list", "--help"],
         &["clients", "revoke", "--help"],
         &["installations", "list", "--help"],
+        &["installations", "reactivate", "--help"],
+        &["identity", "claims", "--help"],
     ] {
         let output = run(tokenvault().args(args));
         assert!(output.status.success(), "{args:?}");
@@ -640,4 +642,92 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
             .any(|line| line.contains("WARN") && line.contains("serving a still-valid token while the upstream fails")),
         "no warning in the log:\n{log}"
     );
+}
+
+#[tokio::test]
+async fn installations_reactivate_makes_a_rejected_installation_active_and_refuses_one_without_credentials() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let id: uuid::Uuid = sqlx::query_scalar("select id from installation").fetch_one(&app.pool).await.unwrap();
+    sqlx::query("update installation set status = 'rejected', next_probe_at = now() + interval '1 hour'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let output = run(tokenvault_for(&app).args(["installations", "reactivate", &id.to_string()]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("reactivated"), "{}", text(&output.stdout));
+    assert_eq!(app.status_of("acc-1").await, "active");
+    let audited: i64 = sqlx::query_scalar("select count(*) from callback_event where event_type = 'ADMIN_REACTIVATED'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(audited, 1);
+
+    sqlx::query("update installation set status = 'revoked', key_id = null, client_id_ciphertext = null, client_secret_ciphertext = null")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let output = run(tokenvault_for(&app).args(["installations", "reactivate", &id.to_string()]));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("no credentials"), "{}", text(&output.stderr));
+    let unknown = run(tokenvault_for(&app).args(["installations", "reactivate", &uuid::Uuid::new_v4().to_string()]));
+    assert_eq!(unknown.status.code(), Some(1));
+}
+
+#[tokio::test]
+async fn identity_claims_lists_the_claim_names_identity_tokens_carried() {
+    let app = spawn_app().await;
+    let token = sign(
+        "rsa-a",
+        jsonwebtoken::Algorithm::RS256,
+        &json!({"iat": now(), "exp": now() + 300, "irisAppId": APP_ID, "accountId": "acc-1", "x-trace": "v4lue"}),
+    );
+    assert_eq!(app.callback(Some(&token), &installed_body("acc-1", &credentials())).await.status(), 204);
+    let listing = eventually(
+        || async { text(&run(tokenvault_for(&app).args(["identity", "claims"])).stdout) },
+        |listing| listing.contains("irisAppId"),
+    )
+    .await;
+    assert!(listing.contains("accountId,exp,iat,irisAppId,jti,x-trace"), "{listing}");
+    assert!(!listing.contains("v4lue"), "names only, never values: {listing}");
+}
+
+#[test]
+fn an_unknown_key_in_the_config_file_stops_serve_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("tv-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tokenvault.toml");
+    std::fs::write(&config, "tokenvault_app = \"@acme/typo\"\n").unwrap();
+    let output = run(tokenvault()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("DATABASE_URL", "postgres://x")
+        .env("TOKENVAULT_ENCRYPTION_KEYS", format!("k:{}", tokenvault::crypto::generate_key())));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("tokenvault_app"), "{}", text(&output.stderr));
+}
+
+#[tokio::test]
+async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
+    let app = spawn_app().await;
+    let log_path = std::env::temp_dir().join(format!("tokenvault-refused-{}.log", uuid::Uuid::new_v4().simple()));
+    let (mut child, public, internal) =
+        serve_logging_to(&app, &app.database_url, std::fs::File::create(&log_path).unwrap()).await;
+    let url = format!("http://127.0.0.1:{public}/callbacks/trackunit");
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
+        let response = app.http.post(&url).json(&installed_body("acc-1", &credentials())).send().await.unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let suppressed = counter(&app, internal, "tokenvault_log_lines_suppressed_total{event=\"callback_refused\"}").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let lines = log.lines().filter(|line| line.contains("callback refused")).count() as u64;
+    assert!(lines <= 5 * seconds, "at most 5 lines a second: {lines} in {seconds} s");
+    assert_eq!(lines + suppressed, 60, "every refusal logged or counted");
+    assert!(log.contains("identity tokens are checked for Trackunit's signature only"), "the start-up warning");
 }

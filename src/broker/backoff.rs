@@ -20,9 +20,10 @@ const CAPACITY: u64 = 100_000;
 struct Failures {
     count: u32,
     until: Instant,
-    /// The refusal to answer with while backing off; `None` for a transient failure, answered with 503
-    /// (or a still-valid token).
-    refusal: Option<UpstreamError>,
+    /// The failure itself, for the requests that waited for the mint that failed.
+    error: UpstreamError,
+    /// When it was recorded here: requests that arrived before it waited for that mint.
+    recorded_at: Instant,
 }
 
 /// A key that is backing off.
@@ -30,7 +31,17 @@ struct Failures {
 pub(super) struct Waiting {
     pub remaining: Duration,
     pub count: u32,
-    pub refusal: Option<UpstreamError>,
+    pub error: UpstreamError,
+    pub recorded_at: Instant,
+}
+
+impl Waiting {
+    /// The answer for a request that arrived at `arrived`: one that waited for the failing mint shares
+    /// its error; a later one gets the refusal again, or for a passing failure `None` (a still-valid
+    /// token, else 503 with the rest of the wait).
+    pub fn answer(&self, arrived: Instant) -> Option<UpstreamError> {
+        if arrived <= self.recorded_at { Some(self.error.clone()) } else { refusal(&self.error) }
+    }
 }
 
 pub(super) struct Backoff<K: Hash + Eq + Send + Sync + 'static> {
@@ -71,20 +82,21 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Backoff<K> {
     pub fn remaining(&self, key: &K) -> Option<Waiting> {
         let failures = self.failures.get(key)?;
         let remaining = failures.until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
-        Some(Waiting { remaining, count: failures.count, refusal: failures.refusal })
+        Some(Waiting { remaining, count: failures.count, error: failures.error, recorded_at: failures.recorded_at })
     }
 
     /// Records a failure; returns how many there were in a row and how long the key now waits.
     pub fn failed(&self, key: &K, error: &UpstreamError) -> (u32, Duration) {
         let count = self.failures.get(key).map_or(1, |f| f.count.saturating_add(1));
         let wait = wait_after(count, error);
-        self.adopt(key, count, wait, refusal(error));
+        self.adopt(key, count, wait, error.clone());
         (count, wait)
     }
 
     /// Backs off as another replica recorded: `count` failures, `wait` left.
-    pub fn adopt(&self, key: &K, count: u32, wait: Duration, refusal: Option<UpstreamError>) {
-        self.failures.insert(key.clone(), Failures { count, until: Instant::now() + wait, refusal });
+    pub fn adopt(&self, key: &K, count: u32, wait: Duration, error: UpstreamError) {
+        let now = Instant::now();
+        self.failures.insert(key.clone(), Failures { count, until: now + wait, error, recorded_at: now });
     }
 
     pub fn succeeded(&self, key: &K) {
@@ -112,7 +124,10 @@ mod tests {
         let failed = UpstreamError::Failed { attempts: 1, reason: "HTTP 500".into() };
         let waits: Vec<u64> = (0..8).map(|_| backoff.failed(&"k", &failed).1.as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert!(backoff.remaining(&"k").is_some_and(|w| w.refusal.is_none() && w.count == 8));
+        let waiting = backoff.remaining(&"k").unwrap();
+        assert_eq!(waiting.count, 8);
+        assert_eq!(waiting.answer(Instant::now()), None, "a later request: a passing failure is no refusal");
+        assert_eq!(waiting.answer(waiting.recorded_at), Some(failed), "a request that waited for the mint shares it");
         backoff.succeeded(&"k");
         assert!(backoff.remaining(&"k").is_none());
     }
@@ -129,6 +144,6 @@ mod tests {
         let backoff = Backoff::new();
         let refused = UpstreamError::Rejected { status: 400, error: "unauthorized_client".into() };
         backoff.failed(&"k", &refused);
-        assert_eq!(backoff.remaining(&"k").unwrap().refusal, Some(refused));
+        assert_eq!(backoff.remaining(&"k").unwrap().answer(Instant::now()), Some(refused));
     }
 }

@@ -135,20 +135,31 @@ impl CacheKey {
     }
 }
 
-/// A recorded failure as the refusal to answer with, or `None` for a passing failure.
-fn recorded_refusal(row: &MintFailureRow) -> Option<UpstreamError> {
+/// The failure a `mint_failure` row records, `remaining` before the key may mint again.
+fn recorded_error(row: &MintFailureRow, remaining: Duration) -> UpstreamError {
     match row.kind.as_str() {
-        "rejected" => Some(UpstreamError::Rejected {
+        "rejected" => UpstreamError::Rejected {
             status: row.http_status.and_then(|s| u16::try_from(s).ok()).unwrap_or(400),
             error: row.error_code.clone().unwrap_or_else(|| "no error code".into()),
-        }),
-        "invalid_scope" => Some(UpstreamError::InvalidScope),
-        _ => None,
+        },
+        "invalid_scope" => UpstreamError::InvalidScope,
+        "failed" => UpstreamError::Failed {
+            attempts: row.attempts.and_then(|a| u32::try_from(a).ok()).unwrap_or(1),
+            reason: "recorded by the replica that made the call".into(),
+        },
+        _ => UpstreamError::Unavailable {
+            retry_after: remaining,
+            reason: "recorded by the replica that made the call".into(),
+        },
     }
 }
 
 /// The `mint_failure` row recording the `failures`th failure in a row, `error`, backing off for `wait`.
 fn failure_row(failures: u32, wait: Duration, error: &UpstreamError) -> MintFailureRow {
+    let attempts = match error {
+        UpstreamError::Failed { attempts, .. } => i32::try_from(*attempts).ok(),
+        _ => None,
+    };
     let (kind, http_status, error_code) = match error {
         UpstreamError::Unavailable { .. } => ("unavailable", None, None),
         UpstreamError::Failed { .. } => ("failed", None, None),
@@ -163,6 +174,7 @@ fn failure_row(failures: u32, wait: Duration, error: &UpstreamError) -> MintFail
         kind: kind.to_owned(),
         http_status,
         error_code,
+        attempts,
     }
 }
 
@@ -348,6 +360,7 @@ impl Broker {
             return Ok(token);
         }
         self.trace_wait(&key, min_ttl);
+        let arrived = std::time::Instant::now();
         let flight = self.flights.get_with(key.clone(), Default::default);
         let _turn = flight.lock().await;
         // Whoever held the mutex before us may have just stored what we need, or failed to.
@@ -356,7 +369,7 @@ impl Broker {
             return Ok(token);
         }
         if let Some(waiting) = self.backoff.remaining(&key) {
-            return self.answer_backing_off(&key, waiting).await;
+            return self.answer_backing_off(&key, waiting.answer(arrived), waiting.remaining).await;
         }
         match self.shared_or_mint(installation, &key, scopes, Want::FreshFor(min_ttl)).await {
             Ok(Obtained { token, minted, stored }) => {
@@ -375,16 +388,24 @@ impl Broker {
         }
     }
 
-    /// The answer while `key` backs off: the refusal it backs off from, or for a passing failure a token
-    /// that is still valid, else 503 with the rest of the wait.
-    async fn answer_backing_off(&self, key: &CacheKey, waiting: backoff::Waiting) -> Result<Arc<Token>, BrokerError> {
-        if let Some(refusal) = waiting.refusal {
-            return Err(refusal.into());
-        }
-        self.still_valid(key).await.ok_or(BrokerError::Upstream(UpstreamError::Unavailable {
-            retry_after: waiting.remaining,
-            reason: "backing off after upstream failures".into(),
-        }))
+    /// The answer while `key` backs off: `error` (see [`backoff::Waiting::answer`]), or without one a
+    /// token that is still valid, else 503 with the `remaining` wait. A passing failure is answered with a
+    /// still-valid token when there is one, a refusal never.
+    async fn answer_backing_off(
+        &self,
+        key: &CacheKey,
+        error: Option<UpstreamError>,
+        remaining: Duration,
+    ) -> Result<Arc<Token>, BrokerError> {
+        let error = match error {
+            Some(refusal) if backoff::refusal(&refusal).is_some() => return Err(refusal.into()),
+            Some(passing) => passing,
+            None => UpstreamError::Unavailable {
+                retry_after: remaining,
+                reason: "backing off after upstream failures".into(),
+            },
+        };
+        self.still_valid(key).await.ok_or(BrokerError::Upstream(error))
     }
 
     /// The in-memory token if it satisfies `min_ttl`; notes the demand and starts a refresh when due.
@@ -551,6 +572,7 @@ impl Broker {
         if let Some(token) = self.shared(key, &satisfies, &mut *self.pool.acquire().await?).await? {
             return Ok(Obtained { token, minted: false, stored: true });
         }
+        let waiting_since = std::time::Instant::now();
         let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
         let mut tx = self.pool.begin().await?;
         token_cache::lock_key(&mut tx, key.installation_id, &key.scope_key).await?;
@@ -570,17 +592,22 @@ impl Broker {
                 return Err(BrokerError::Changed);
             }
         }
-        if let Some(recorded) = mint_failure::get(&mut tx, key.installation_id, &key.scope_key).await? {
+        // A failure recorded while we waited for the lock is the outcome of the mint we waited for.
+        let waited = waiting_since.elapsed() + Duration::from_millis(20);
+        if let Some((recorded, during_wait)) =
+            mint_failure::get(&mut tx, key.installation_id, &key.scope_key, waited).await?
+        {
             let now = Utc::now();
             if let Ok(remaining) = (recorded.retry_at - now).to_std()
                 && !remaining.is_zero()
             {
-                let refusal = recorded_refusal(&recorded);
-                self.backoff.adopt(key, recorded.failures.max(1) as u32, remaining, refusal.clone());
+                let error = recorded_error(&recorded, remaining);
+                self.backoff.adopt(key, recorded.failures.max(1) as u32, remaining, error.clone());
                 self.failing.insert(key.installation_id, ());
                 tx.commit().await?;
-                return Err(match refusal {
-                    Some(refusal) => refusal.into(),
+                let shared = if during_wait { Some(error) } else { backoff::refusal(&error) };
+                return Err(match shared {
+                    Some(error) => error.into(),
                     None => UpstreamError::Unavailable {
                         retry_after: remaining,
                         reason: "backing off after upstream failures".into(),

@@ -41,6 +41,14 @@ fn is_json(content_type: &str) -> bool {
     essence.eq_ignore_ascii_case("application/json") || (starts("application/") && ends("+json"))
 }
 
+/// What to reserve for a body that declares `declared` bytes: that much, so the usual body is copied in
+/// without reallocating, but at most [`PREALLOCATED_BYTES`], because the length is whatever an
+/// unauthenticated client claims: a flood of requests declaring 64 KiB and sending nothing must not
+/// reserve 64 KiB each.
+fn initial_capacity(declared: Option<u64>) -> usize {
+    declared.unwrap_or(0).min(PREALLOCATED_BYTES) as usize
+}
+
 /// Reads at most `limit` bytes, with or without a Content-Length (chunked). The buffer is zeroized on
 /// drop because callback bodies hold client secrets.
 pub async fn read(
@@ -54,10 +62,7 @@ pub async fn read(
         return Err(ApiError::PayloadTooLarge(limit));
     }
     let read_all = async {
-        // Sized from the declared length, so the usual body is copied in without reallocating; but at most
-        // PREALLOCATED_BYTES, because the length is whatever an unauthenticated client claims: a flood of
-        // requests declaring 64 KiB and sending nothing must not reserve 64 KiB each.
-        let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(0).min(PREALLOCATED_BYTES) as usize));
+        let mut body = Zeroizing::new(Vec::with_capacity(initial_capacity(declared)));
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
             if body.len() + chunk.len() > limit {
@@ -80,7 +85,15 @@ pub async fn read(
 
 #[cfg(test)]
 mod tests {
-    use super::is_json;
+    use super::{PREALLOCATED_BYTES, initial_capacity, is_json};
+
+    #[test]
+    fn what_is_reserved_before_the_body_arrives_is_bounded_whatever_is_declared() {
+        assert_eq!(initial_capacity(Some(200)), 200);
+        assert_eq!(initial_capacity(None), 0);
+        assert_eq!(initial_capacity(Some(64 * 1024)), PREALLOCATED_BYTES as usize);
+        assert_eq!(initial_capacity(Some(u64::MAX)), PREALLOCATED_BYTES as usize);
+    }
 
     #[test]
     fn json_media_types_in_any_case_with_parameters() {

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{AppState, auth, openapi};
 use crate::error::ApiError;
-use crate::installs;
+use crate::installs::{self, Reactivation};
 use crate::store::installation;
 
 #[utoipa::path(
@@ -73,4 +73,50 @@ pub async fn revoke(
     })
     .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/installations/{id}/reactivate",
+    operation_id = "reactivateInstallation",
+    tag = "internal",
+    security(("service_key" = [])),
+    summary = "Make a rejected installation active again (admin only)",
+    description = "Admin only. An installation is `rejected` when the token endpoint answered `invalid_client`; it \
+                   is probed again on a schedule and becomes active by itself when a probe mints. This makes it \
+                   active at once, for an operator who knows the credentials work again. An active installation \
+                   is answered as it is. Audited as `ADMIN_REACTIVATED`.",
+    params(("id" = String, Path, format = "uuid", description = "The installation's id.")),
+    responses(
+        (status = 200, description = "The installation, now active.", body = openapi::InstallationSummary,
+         example = json!({"id": "0b8e1f2a-5c3d-4e6f-8a9b-0c1d2e3f4a5b", "app_id": "@acme/fleet-insights",
+                          "account_id": "7b1c5e0a-acme", "status": "active",
+                          "created_at": "2026-11-22T12:00:00.123456Z", "updated_at": "2026-11-22T12:05:00.5Z"})),
+        openapi::ReactivateProblems,
+    ),
+)]
+pub async fn reactivate(
+    request: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let digest = auth::presented_key(&request)?;
+    let (task_state, path) = (state.clone(), path.into_inner());
+    let summary = super::offload(&state, async move {
+        auth::authenticate_admin(&digest, &task_state).await?;
+        let id = Uuid::parse_str(&path).map_err(|_| ApiError::InstallationNotFound)?;
+        match installs::reactivate(&task_state.pool, id).await? {
+            Reactivation::Reactivated { account_id } => {
+                task_state.broker.forget(id);
+                task_state.directory.forget_account(&account_id);
+                tracing::info!(installation.id = %id, "installation reactivated by an operator");
+            }
+            Reactivation::AlreadyActive => {}
+            Reactivation::NoCredentials => return Err(ApiError::NoCredentials),
+            Reactivation::NotFound => return Err(ApiError::InstallationNotFound),
+        }
+        installation::summary(&task_state.pool, id).await?.ok_or(ApiError::InstallationNotFound)
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(summary))
 }

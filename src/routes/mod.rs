@@ -91,6 +91,11 @@ pub fn internal(config: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
+            web::resource("/v1/installations/{id}/reactivate")
+                .route(web::post().to(installations::reactivate))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
             web::resource("/metrics")
                 .route(web::get().to(health::metrics))
                 .default_service(web::to(method_not_allowed)),

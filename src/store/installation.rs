@@ -325,6 +325,13 @@ pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Ins
         .await
 }
 
+pub async fn summary(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Summary>> {
+    sqlx::query_as("select id, app_id, account_id, status, created_at, updated_at from installation where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<Summary>> {
     sqlx::query_as(
         "select id, app_id, account_id, status, created_at, updated_at from installation order by created_at, id",

@@ -171,6 +171,8 @@ pub fn installed_body(account_id: &str, credentials: &Credentials) -> Value {
 pub enum Upstream {
     /// Mint a token valid for this many seconds.
     Mint { expires_in: i64 },
+    /// Mint a token granting `scope`, whatever was asked.
+    MintGranting { expires_in: i64, scope: &'static str },
     /// Answer with this status and JSON body.
     Fail { status: u16, body: Value },
     /// Answer with this status and a `Retry-After` header.
@@ -201,17 +203,8 @@ impl Respond for TokenEndpoint {
         };
         let delay = *self.delay.lock().unwrap();
         let template = match answer {
-            Upstream::Mint { expires_in } => {
-                let n = self.counter.fetch_add(1, Ordering::SeqCst);
-                let token = format!("at-{n}-{}", uuid::Uuid::new_v4().simple());
-                self.issued.lock().unwrap().push(token.clone());
-                ResponseTemplate::new(200).set_body_json(json!({
-                    "token_type": "Bearer",
-                    "expires_in": expires_in,
-                    "access_token": token,
-                    "scope": form.get("scope").cloned().unwrap_or_default(),
-                }))
-            }
+            Upstream::Mint { expires_in } => self.mint(expires_in, form.get("scope").cloned().unwrap_or_default()),
+            Upstream::MintGranting { expires_in, scope } => self.mint(expires_in, scope.to_owned()),
             Upstream::Fail { status, body } => ResponseTemplate::new(status).set_body_json(body),
             Upstream::FailWithRetryAfter { status, retry_after_secs } => {
                 ResponseTemplate::new(status).insert_header("retry-after", retry_after_secs.to_string().as_str())
@@ -222,6 +215,18 @@ impl Respond for TokenEndpoint {
 }
 
 impl TokenEndpoint {
+    fn mint(&self, expires_in: i64, scope: String) -> ResponseTemplate {
+        let n = self.counter.fetch_add(1, Ordering::SeqCst);
+        let token = format!("at-{n}-{}", uuid::Uuid::new_v4().simple());
+        self.issued.lock().unwrap().push(token.clone());
+        ResponseTemplate::new(200).set_body_json(json!({
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "access_token": token,
+            "scope": scope,
+        }))
+    }
+
     pub fn call_count(&self) -> usize {
         self.calls.lock().unwrap().len()
     }
@@ -511,11 +516,16 @@ impl TestApp {
 
     /// Creates a service key directly in the store, as `tokenvault clients create` does.
     pub async fn client(&self, accounts: &[&str], scopes: &[&str], admin: bool) -> String {
+        self.client_for_apps(accounts, scopes, &["*"], admin).await
+    }
+
+    /// [`TestApp::client`] granted only the apps `apps`.
+    pub async fn client_for_apps(&self, accounts: &[&str], scopes: &[&str], apps: &[&str], admin: bool) -> String {
         let key = ServiceKey::generate();
         let to_vec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let name = format!("client-{}", uuid::Uuid::new_v4().simple());
         let grants =
-            api_client::Grants { accounts: to_vec(accounts), scopes: to_vec(scopes), apps: vec!["*".into()], admin };
+            api_client::Grants { accounts: to_vec(accounts), scopes: to_vec(scopes), apps: to_vec(apps), admin };
         api_client::create(&self.pool, &name, &key.sha256(), &grants).await.unwrap();
         key.expose().to_owned()
     }
@@ -584,13 +594,21 @@ pub struct DatabaseProxy {
     target: String,
     running: Mutex<Option<tokio::task::JoinHandle<()>>>,
     connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// Bumped by [`DatabaseProxy::freeze_existing`]: connections opened before stop forwarding.
+    freezes: tokio::sync::watch::Sender<u64>,
 }
 
 impl DatabaseProxy {
     pub async fn start(target: String) -> Arc<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let proxy = Arc::new(Self { port, target, running: Mutex::new(None), connections: Arc::default() });
+        let proxy = Arc::new(Self {
+            port,
+            target,
+            running: Mutex::new(None),
+            connections: Arc::default(),
+            freezes: tokio::sync::watch::Sender::new(0),
+        });
         proxy.serve(listener);
         proxy
     }
@@ -598,17 +616,33 @@ impl DatabaseProxy {
     fn serve(&self, listener: tokio::net::TcpListener) {
         let target = self.target.clone();
         let connections = Arc::clone(&self.connections);
+        let freezes = self.freezes.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let target = target.clone();
+                let mut frozen = freezes.subscribe();
+                frozen.mark_unchanged();
                 connections.lock().unwrap().push(tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = frozen.changed() => {
+                                // Silently dropped, as by a NAT or firewall: no FIN, no RST, no data.
+                                let _held = (inbound, outbound);
+                                std::future::pending::<()>().await;
+                            }
+                        }
                     }
                 }));
             }
         });
         *self.running.lock().unwrap() = Some(task);
+    }
+
+    /// Every connection open now goes silent in both directions without being closed; new connections
+    /// are forwarded as before.
+    pub fn freeze_existing(&self) {
+        self.freezes.send_modify(|n| *n += 1);
     }
 
     /// The database "stops": the port refuses connections and open ones are cut.

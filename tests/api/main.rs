@@ -3,6 +3,7 @@
 
 mod admin;
 mod callbacks;
+mod hardening;
 mod helpers;
 mod identity;
 mod openapi;

@@ -17,6 +17,7 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/v1/tokens"),
     ("GET", "/v1/installations"),
     ("DELETE", "/v1/installations/{id}"),
+    ("POST", "/v1/installations/{id}/reactivate"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
