@@ -3,7 +3,8 @@
 -- answered as before; with any other body it is refused. Written in the callback's own transaction, so a
 -- callback that was not committed is not remembered either.
 create table identity_replay (
-    -- SHA-256 of `jti:<iss>:<jti>` when the token has a jti, else of `jwt:<compact token>`.
+    -- SHA-256 of `jti:<jti>` when the token has a jti (every token comes from Trackunit's one JWKS), else of
+    -- `jwt:<compact token>`.
     token_sha256 bytea primary key,
     -- SHA-256 of the exact body bytes the token first delivered.
     body_sha256 bytea not null,

@@ -1,5 +1,6 @@
 -- A rejected installation (the token endpoint answered invalid_client) is probed again with one upstream
--- call on a schedule (1 min, 10 min, 1 h, then every 6 h by default), and becomes active on success: an
+-- call on a schedule (by default 1 min after the rejection, then 10 min and 1 h after each probe, then
+-- every 6 h), and becomes active on success: an
 -- incident that refuses every client, or credentials not yet propagated, must not strand an account.
 alter table installation
     add column rejected_at timestamptz,

@@ -23,8 +23,9 @@ use crate::telemetry;
 Settings come from environment variables (DATABASE_URL, TOKENVAULT_ENCRYPTION_KEYS, ...; see README.md),\n\
 their NAME_FILE variants, or --config FILE (TOML, the same names in lower case).")]
 pub struct Cli {
-    /// TOML file with settings (the environment variable names in lower case); variables take precedence.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// TOML file with settings (the environment variable names in lower case, and `[providers.NAME]`
+    /// tables); variables take precedence.
+    #[arg(long, global = true, value_name = "FILE", env = "TOKENVAULT_CONFIG")]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -43,9 +44,15 @@ pub enum Command {
     /// Service keys for internal callers of the token API.
     #[command(subcommand)]
     Clients(ClientsCommand),
-    /// Installed Trackunit accounts.
+    /// Installations: every account's credentials, at every provider.
     #[command(subcommand)]
     Installations(InstallationsCommand),
+    /// Credentials of accounts at providers other than Trackunit (whose arrive by its callback).
+    #[command(subcommand)]
+    Credentials(CredentialsCommand),
+    /// The providers this deployment mints tokens at.
+    #[command(subcommand)]
+    Providers(ProvidersCommand),
     /// What the callbacks' identity tokens carry.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -88,6 +95,10 @@ pub enum ClientsCommand {
         /// Without it, every app.
         #[arg(long = "app", value_name = "APP|*")]
         apps: Vec<String>,
+        /// A provider the client may get tokens of, or '*' for all. Repeat for several. Without it,
+        /// trackunit only.
+        #[arg(long = "provider", value_name = "PROVIDER|*")]
+        providers: Vec<String>,
         /// Allow the admin API (list and revoke installations).
         #[arg(long)]
         admin: bool,
@@ -100,14 +111,61 @@ pub enum ClientsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum InstallationsCommand {
-    /// List installations: app, account, status, timestamps. Never a secret or a client id.
-    List,
+    /// List installations: provider, app, account, status, timestamps. Never a secret or a client id.
+    List {
+        /// Only those of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
     /// Make a rejected installation (the token endpoint answered invalid_client) active again now,
     /// instead of waiting for its next probe. Use it when you know the credentials work again.
     Reactivate {
         /// The installation's id (see `installations list`).
         id: uuid::Uuid,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CredentialsCommand {
+    /// Register (or replace) an account's credentials at a provider. Secrets are read from files or
+    /// stdin, never from the command line (which other users of the machine can see).
+    Put {
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        account: String,
+        #[arg(long = "client-id")]
+        client_id: String,
+        /// A file holding the client secret (trailing newlines removed).
+        #[arg(long = "client-secret-file", value_name = "FILE", conflicts_with = "client_secret_stdin")]
+        client_secret_file: Option<PathBuf>,
+        /// Read the client secret from stdin (trailing newlines removed).
+        #[arg(long = "client-secret-stdin")]
+        client_secret_stdin: bool,
+        /// A file holding a user's refresh token: the credentials are then user-delegated, and every
+        /// token is minted with the refresh token grant.
+        #[arg(long = "refresh-token-file", value_name = "FILE")]
+        refresh_token_file: Option<PathBuf>,
+    },
+    /// Erase an account's credentials at a provider, with every cached token.
+    Delete {
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        account: String,
+    },
+    /// List registered credentials (never a secret or a client id).
+    List {
+        /// Only those of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvidersCommand {
+    /// Each provider's settings as loaded (they hold no secret), as JSON lines.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,7 +191,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Clients(command) => clients(command, &settings).await,
-        Command::Installations(InstallationsCommand::List) => list_installations(&settings).await,
+        Command::Installations(InstallationsCommand::List { provider }) => {
+            list_installations(&settings, provider.as_deref()).await
+        }
+        Command::Credentials(command) => credentials(command, &settings).await,
+        Command::Providers(ProvidersCommand::List) => {
+            for provider in settings.providers.iter() {
+                println!("{}", serde_json::to_string(&**provider)?);
+            }
+            Ok(())
+        }
         Command::Installations(InstallationsCommand::Reactivate { id }) => reactivate(&settings, id).await,
         Command::Identity(IdentityCommand::Claims) => identity_claims(&settings).await,
         Command::Keys(KeysCommand::Rotate { batch_size }) => rotate(&settings, batch_size).await,
@@ -207,7 +274,7 @@ fn grants(values: Vec<String>, what: &str, check: impl Fn(&str) -> bool) -> anyh
 async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     match command {
-        ClientsCommand::Create { name, accounts, scopes, apps, admin } => {
+        ClientsCommand::Create { name, accounts, scopes, apps, providers, admin } => {
             TextField::parse(name.as_str()).map_err(|e| anyhow::anyhow!("--name {e}"))?;
             let accounts = grants(accounts, "--account", |a| TextField::parse(a).is_ok())?;
             let scopes = grants(scopes, "--scope", |s| Scope::parse(s).is_ok())?;
@@ -215,16 +282,22 @@ async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result
             if apps.is_empty() {
                 apps.push(api_client::WILDCARD.to_owned());
             }
+            let mut providers = grants(providers, "--provider", crate::settings::valid_provider_name)?;
+            if providers.is_empty() {
+                providers.push(crate::provider::TRACKUNIT.to_owned());
+            }
             anyhow::ensure!(
                 admin || (!accounts.is_empty() && !scopes.is_empty()),
                 "give at least one --account and one --scope (or '*'), or --admin: this client could do nothing"
             );
             let key = ServiceKey::generate();
-            let grants = api_client::Grants { accounts, scopes, apps, admin };
+            let grants = api_client::Grants { accounts, scopes, apps, providers, admin };
             let client = api_client::create(&pool, &name, &key.sha256(), &grants).await?;
             println!(
-                "created client {} (accounts: {}; scopes: {}; apps: {}; admin: {}). Its key is shown once, below:",
+                "created client {} (providers: {}; accounts: {}; scopes: {}; apps: {}; admin: {}). Its key is shown \
+                 once, below:",
                 client.name,
+                display_list(&client.providers),
                 display_list(&client.accounts),
                 display_list(&client.scopes),
                 display_list(&client.apps),
@@ -289,19 +362,91 @@ async fn identity_claims(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn list_installations(settings: &Settings) -> anyhow::Result<()> {
+/// Reads a secret from `file`, or stdin when `stdin`; trailing newlines removed.
+fn read_secret(file: Option<&std::path::Path>, stdin: bool, what: &str) -> anyhow::Result<Option<String>> {
+    let text = match (file, stdin) {
+        (Some(path), _) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {what} from {path:?}"))?
+        }
+        (None, true) => {
+            std::io::read_to_string(std::io::stdin()).with_context(|| format!("cannot read {what} from stdin"))?
+        }
+        (None, false) => return Ok(None),
+    };
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+async fn credentials(command: CredentialsCommand, settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
-    println!("{:<36} {:<24} {:<36} {:<11} {:<20} UPDATED", "ID", "APP", "ACCOUNT", "STATUS", "CREATED");
-    for row in installation::list(&pool).await? {
+    let known = |provider: &str| -> anyhow::Result<()> {
+        let found = settings.providers.get(provider).with_context(|| format!("no provider named {provider:?}"))?;
+        anyhow::ensure!(
+            !found.is_trackunit(),
+            "trackunit's credentials arrive by its callback; they cannot be registered by hand"
+        );
+        Ok(())
+    };
+    match command {
+        CredentialsCommand::Put {
+            provider,
+            account,
+            client_id,
+            client_secret_file,
+            client_secret_stdin,
+            refresh_token_file,
+        } => {
+            known(&provider)?;
+            TextField::parse(account.as_str()).map_err(|e| anyhow::anyhow!("--account {e}"))?;
+            let secret = read_secret(client_secret_file.as_deref(), client_secret_stdin, "the client secret")?;
+            let refresh = read_secret(refresh_token_file.as_deref(), false, "the refresh token")?;
+            let new = crate::credentials::NewCredentials::new(Some(client_id), secret, refresh)
+                .map_err(|reason| anyhow::anyhow!(reason.replace('`', "")))?;
+            match crate::credentials::register(&pool, &settings.encryption_keys, &provider, &account, &new).await? {
+                crate::credentials::Registered::Created(_) => {
+                    println!("registered credentials of {account} at {provider}")
+                }
+                crate::credentials::Registered::Replaced(_) => {
+                    println!("replaced credentials of {account} at {provider}")
+                }
+            }
+        }
+        CredentialsCommand::Delete { provider, account } => {
+            known(&provider)?;
+            anyhow::ensure!(
+                crate::credentials::erase(&pool, &provider, &account).await?.is_some(),
+                "no credentials of {account:?} at {provider}"
+            );
+            println!("deleted credentials of {account} at {provider}");
+        }
+        CredentialsCommand::List { provider } => {
+            let rows = installation::list(&pool, provider.as_deref()).await?;
+            print_installations(rows.iter().filter(|row| row.provider != crate::provider::TRACKUNIT));
+        }
+    }
+    Ok(())
+}
+
+async fn list_installations(settings: &Settings, provider: Option<&str>) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    print_installations(installation::list(&pool, provider).await?.iter());
+    Ok(())
+}
+
+fn print_installations<'a>(rows: impl Iterator<Item = &'a installation::Summary>) {
+    println!(
+        "{:<36} {:<16} {:<24} {:<36} {:<11} {:<20} UPDATED",
+        "ID", "PROVIDER", "APP", "ACCOUNT", "STATUS", "CREATED"
+    );
+    for row in rows {
         println!(
-            "{:<36} {:<24} {:<36} {:<11} {:<20} {}",
+            "{:<36} {:<16} {:<24} {:<36} {:<11} {:<20} {}",
             row.id,
-            row.app_id,
+            row.provider,
+            row.app_id.as_deref().unwrap_or("-"),
             row.account_id,
             row.status,
             row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             row.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         );
     }
-    Ok(())
 }

@@ -31,6 +31,10 @@ pub enum ApiError {
     Forbidden(String),
     #[error("this app is not served here (not in TOKENVAULT_APPS)")]
     AppNotAllowed,
+    #[error("no provider of this name is configured")]
+    UnknownProvider,
+    #[error("trackunit's credentials arrive by its callback; they cannot be registered here")]
+    CredentialsFromCallback,
     #[error("no active installation for this account and app")]
     NotInstalled,
     #[error("installation not found")]
@@ -74,6 +78,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::AppNotAllowed => "app_not_allowed",
             ApiError::NotInstalled => "not_installed",
+            ApiError::UnknownProvider => "unknown_provider",
+            ApiError::CredentialsFromCallback => "credentials_from_callback",
             ApiError::InstallationNotFound | ApiError::NotFound => "not_found",
             ApiError::AmbiguousApp => "ambiguous_app",
             ApiError::NoCredentials => "no_credentials",
@@ -151,9 +157,14 @@ impl ResponseError for ApiError {
                 StatusCode::UNAUTHORIZED
             }
             ApiError::Forbidden(_) | ApiError::AppNotAllowed => StatusCode::FORBIDDEN,
-            ApiError::NotInstalled | ApiError::InstallationNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotInstalled
+            | ApiError::UnknownProvider
+            | ApiError::InstallationNotFound
+            | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::AmbiguousApp | ApiError::NoCredentials => StatusCode::CONFLICT,
+            ApiError::AmbiguousApp | ApiError::NoCredentials | ApiError::CredentialsFromCallback => {
+                StatusCode::CONFLICT
+            }
             ApiError::InvalidScope => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UpstreamRejected(_) | ApiError::UpstreamError(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamUnavailable { .. }

@@ -7,11 +7,12 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::crypto::{Aad, AadVersion, CredentialRow, KeyRing, Sealed, SecretField};
+use crate::credentials::{seal_credentials, sealed_pair};
+use crate::crypto::{Aad, AadVersion, CredentialRow, KeyRing, SecretField};
 use crate::domain::{AccountId, AppId};
 use crate::store::callback_event::{self, CallbackEvent};
 use crate::store::identity_replay::{self, Seen};
-use crate::store::installation::{self, Installation, SealedCredentials, Status};
+use crate::store::installation::{self, Installation, Status};
 use crate::store::{mint_failure, token_cache};
 
 /// A parsed callback body.
@@ -90,7 +91,7 @@ impl Outcome {
 
 /// The verified identity token that delivered a message, as the replay memory and the watermark need it.
 pub struct Delivery {
-    /// What the token is known by: SHA-256 of its `jti` (with `iss`) when it has one, else of the token.
+    /// What the token is known by: SHA-256 of its `jti` when it has one, else of the whole token.
     pub token_sha256: [u8; 32],
     /// SHA-256 of the exact body bytes.
     pub body_sha256: [u8; 32],
@@ -170,29 +171,6 @@ fn is_stale(stored: Option<DateTime<Utc>>, incoming: Option<DateTime<Utc>>) -> b
     matches!((stored, incoming), (Some(stored), Some(incoming)) if incoming < stored)
 }
 
-/// Seals a client id and secret for the installation row `row` (its id and the credentials version they
-/// will be stored under are part of the associated data).
-fn seal_credentials(
-    keys: &KeyRing,
-    row: &CredentialRow<'_>,
-    client_id: &SecretString,
-    client_secret: &SecretString,
-) -> (Sealed, Sealed) {
-    let seal = |value: &SecretString, field| {
-        keys.seal(value.expose_secret().as_bytes(), &Aad::credential(AadVersion::CURRENT, row, field))
-    };
-    (seal(client_id, SecretField::ClientId), seal(client_secret, SecretField::ClientSecret))
-}
-
-fn sealed_pair<'a>(id: &'a Sealed, secret: &'a Sealed) -> SealedCredentials<'a> {
-    SealedCredentials {
-        key_id: id.key_id.as_str(),
-        client_id: &id.bytes,
-        client_secret: &secret.bytes,
-        aad_version: AadVersion::CURRENT.as_column(),
-    }
-}
-
 async fn install(
     tx: &mut sqlx::PgConnection,
     keys: &KeyRing,
@@ -209,14 +187,14 @@ async fn install(
         None => {
             let id = Uuid::new_v4();
             let row = CredentialRow {
-                provider: "trackunit",
+                provider: crate::provider::TRACKUNIT,
                 app_id: app,
                 account_id: account,
                 installation_id: id,
                 credentials_version: 1,
             };
-            let (sealed_id, sealed_secret) = seal_credentials(keys, &row, client_id, client_secret);
-            let credentials = sealed_pair(&sealed_id, &sealed_secret);
+            let (sealed_id, sealed_secret) = seal_credentials(keys, &row, client_id, Some(client_secret));
+            let credentials = sealed_pair(&sealed_id, sealed_secret.as_ref());
             match installation::insert(tx, id, app, account, &credentials, issued_at).await? {
                 Some(id) => return Ok(Outcome::Stored(id)),
                 None => installation::lock(tx, app, account).await?.ok_or(sqlx::Error::RowNotFound)?,
@@ -232,9 +210,15 @@ async fn install(
     }
     let version = existing.credentials_version + 1;
     let row = CredentialRow { credentials_version: version, ..existing.credential_row() };
-    let (sealed_id, sealed_secret) = seal_credentials(keys, &row, client_id, client_secret);
-    installation::replace_credentials(tx, existing.id, version, &sealed_pair(&sealed_id, &sealed_secret), issued_at)
-        .await?;
+    let (sealed_id, sealed_secret) = seal_credentials(keys, &row, client_id, Some(client_secret));
+    installation::replace_credentials(
+        tx,
+        existing.id,
+        version,
+        &sealed_pair(&sealed_id, sealed_secret.as_ref()),
+        issued_at,
+    )
+    .await?;
     token_cache::delete_for_installation(tx, existing.id).await?;
     mint_failure::delete_for_installation(tx, existing.id).await?;
     Ok(Outcome::Stored(existing.id))
@@ -294,7 +278,7 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<String>> {
     mint_failure::delete_for_installation(&mut tx, id).await?;
     let event = CallbackEvent {
         event_type: "ADMIN_REVOKED",
-        app_id: Some(&existing.app_id),
+        app_id: existing.app_id.as_deref(),
         account_id: Some(&existing.account_id),
         outcome: "revoked",
         identity_issued_at: None,
@@ -333,7 +317,7 @@ pub async fn reactivate(pool: &PgPool, id: Uuid) -> sqlx::Result<Reactivation> {
             mint_failure::delete_for_installation(&mut tx, id).await?;
             let event = CallbackEvent {
                 event_type: "ADMIN_REACTIVATED",
-                app_id: Some(&existing.app_id),
+                app_id: existing.app_id.as_deref(),
                 account_id: Some(&existing.account_id),
                 outcome: "reactivated",
                 identity_issued_at: None,

@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod claim_names;
 pub mod cli;
+pub mod credentials;
 pub mod crypto;
 pub mod directory;
 pub mod domain;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod in_flight;
 pub mod installs;
 pub mod outbound;
+pub mod provider;
 pub mod rate_limit;
 pub mod readiness;
 pub mod rotation;

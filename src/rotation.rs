@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::crypto::{Aad, AadVersion, KeyRing, SecretField, TokenRow};
 use crate::store::installation::{self, Installation, SealedCredentials};
-use crate::store::token_cache;
+use crate::store::{refresh_token, token_cache};
 
 /// What a rotation did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -22,6 +22,10 @@ pub struct Report {
     pub unreadable_installations: Vec<Uuid>,
     /// Cached tokens (`installation_id/scope`) that could not be decrypted; left untouched.
     pub unreadable_tokens: Vec<String>,
+    /// Refresh tokens of user-delegated credentials re-sealed.
+    pub refresh_tokens: u64,
+    /// Installations whose refresh token could not be decrypted; left untouched.
+    pub unreadable_refresh_tokens: Vec<Uuid>,
 }
 
 pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::Result<Report> {
@@ -50,7 +54,7 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
                     let sealed = SealedCredentials {
                         key_id: &key_id,
                         client_id: &client_id,
-                        client_secret: &client_secret,
+                        client_secret: client_secret.as_deref(),
                         aad_version: AadVersion::CURRENT.as_column(),
                     };
                     installation::reseal(&mut tx, row.id, &sealed).await?;
@@ -88,24 +92,68 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
                 granted_scope: &row.granted_scope,
                 expires_at_ms: row.expires_at.timestamp_millis(),
             };
-            let opened = AadVersion::from_column(row.aad_version).and_then(|version| {
-                keys.open(&row.key_id, &row.access_token_ciphertext, &Aad::cached_token(version, &bound, None)).ok()
-            });
-            match opened {
-                Some(plain) => {
-                    let sealed =
-                        keys.seal(plain.expose_secret(), &Aad::cached_token(AadVersion::CURRENT, &bound, None));
+            let reseal = |sealed: &[u8], field: Option<SecretField>| {
+                let version = AadVersion::from_column(row.aad_version)?;
+                let plain = keys.open(&row.key_id, sealed, &Aad::cached_token(version, &bound, field)).ok()?;
+                Some(keys.seal(plain.expose_secret(), &Aad::cached_token(AadVersion::CURRENT, &bound, field)))
+            };
+            let access = reseal(&row.access_token_ciphertext, None);
+            let refresh =
+                row.refresh_token_ciphertext.as_deref().map(|sealed| reseal(sealed, Some(SecretField::RefreshToken)));
+            match (access, refresh) {
+                (Some(access), refresh @ (None | Some(Some(_)))) => {
+                    let refresh = refresh.flatten();
                     token_cache::reseal(
                         &mut tx,
                         keyed,
-                        sealed.key_id.as_str(),
-                        &sealed.bytes,
+                        access.key_id.as_str(),
+                        &access.bytes,
+                        refresh.as_ref().map(|sealed| sealed.bytes.as_slice()),
                         AadVersion::CURRENT.as_column(),
                     )
                     .await?;
                     report.cached_tokens += 1;
                 }
-                None => report.unreadable_tokens.push(format!("{}/{}", keyed.installation_id, keyed.scope_key)),
+                _ => report.unreadable_tokens.push(format!("{}/{}", keyed.installation_id, keyed.scope_key)),
+            }
+        }
+        tx.commit().await?;
+    }
+
+    loop {
+        let mut tx = pool.begin().await?;
+        let batch = refresh_token::lock_needing_reseal(
+            &mut tx,
+            primary,
+            AadVersion::CURRENT.as_column(),
+            &report.unreadable_refresh_tokens,
+            batch_size,
+        )
+        .await?;
+        if batch.is_empty() {
+            break;
+        }
+        for keyed in &batch {
+            let stored = &keyed.row;
+            let owner = installation::by_id(&mut tx, keyed.installation_id).await?;
+            let opened = owner.as_ref().and_then(|owner| {
+                let aad = Aad::refresh_token(&owner.credential_row(), stored.generation);
+                Some((keys.open(&stored.key_id, &stored.ciphertext, &aad).ok()?, aad))
+            });
+            match opened {
+                Some((plain, aad)) => {
+                    let sealed = keys.seal(plain.expose_secret(), &aad);
+                    refresh_token::reseal(
+                        &mut tx,
+                        keyed.installation_id,
+                        sealed.key_id.as_str(),
+                        &sealed.bytes,
+                        AadVersion::CURRENT.as_column(),
+                    )
+                    .await?;
+                    report.refresh_tokens += 1;
+                }
+                None => report.unreadable_refresh_tokens.push(keyed.installation_id),
             }
         }
         tx.commit().await?;
@@ -113,21 +161,22 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
     Ok(report)
 }
 
-/// The credentials of `row` sealed under the primary key with the current associated data, or `None` if
-/// they do not decrypt.
-fn reseal_installation(keys: &KeyRing, row: &Installation) -> Option<(String, Vec<u8>, Vec<u8>)> {
+/// The credentials of `row` (a client id, and a secret unless it is a public client) sealed under the
+/// primary key with the current associated data, or `None` if they do not decrypt.
+type Resealed = (String, Vec<u8>, Option<Vec<u8>>);
+
+fn reseal_installation(keys: &KeyRing, row: &Installation) -> Option<Resealed> {
     let key_id = row.key_id.as_deref()?;
     let version = AadVersion::from_column(row.aad_version)?;
     let bound = row.credential_row();
-    let mut resealed = Vec::with_capacity(2);
-    for (sealed, field) in [
-        (row.client_id_ciphertext.as_deref()?, SecretField::ClientId),
-        (row.client_secret_ciphertext.as_deref()?, SecretField::ClientSecret),
-    ] {
+    let reseal = |sealed: &[u8], field| {
         let plain = keys.open(key_id, sealed, &Aad::credential(version, &bound, field)).ok()?;
-        resealed.push(keys.seal(plain.expose_secret(), &Aad::credential(AadVersion::CURRENT, &bound, field)));
-    }
-    let secret = resealed.pop()?;
-    let id = resealed.pop()?;
-    Some((id.key_id.as_str().to_owned(), id.bytes, secret.bytes))
+        Some(keys.seal(plain.expose_secret(), &Aad::credential(AadVersion::CURRENT, &bound, field)))
+    };
+    let id = reseal(row.client_id_ciphertext.as_deref()?, SecretField::ClientId)?;
+    let secret = match row.client_secret_ciphertext.as_deref() {
+        Some(sealed) => Some(reseal(sealed, SecretField::ClientSecret)?.bytes),
+        None => None,
+    };
+    Some((id.key_id.as_str().to_owned(), id.bytes, secret))
 }

@@ -17,8 +17,13 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
 use crate::crypto::KeyRing;
+use crate::provider::{Provider, Providers};
 
-/// When a rejected installation is probed again: 1 min, 10 min and 1 h after the rejection, then every 6 h.
+mod providers;
+pub use providers::valid_name as valid_provider_name;
+
+/// When a rejected installation is probed again: 1 min after the rejection, then 10 min after that probe,
+/// 1 h after the next, and every 6 h from then on (each wait counts from the one before).
 pub const DEFAULT_PROBE_SCHEDULE_SECS: [u64; 4] = [60, 600, 3600, 6 * 3600];
 
 /// Every asymmetric JWS algorithm (RFC 7518 §3.1, RFC 8037). `none` and HMAC are never accepted:
@@ -52,6 +57,8 @@ pub enum SettingsError {
     ConfigFile { path: String, reason: String },
     #[error("the config file has an unknown key {0:?} (a typo would silently turn a setting off)")]
     UnknownKey(String),
+    #[error("providers.{name}{}: {reason}", if key.is_empty() { String::new() } else { format!(".{key}") })]
+    Provider { name: String, key: String, reason: String },
 }
 
 /// Every setting, by its variable name. The TOML file may use only these (in lower case): an unknown key
@@ -82,6 +89,7 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "TOKENVAULT_TOKEN_CACHE_CAPACITY",
     "TOKENVAULT_LISTENER_HEARTBEAT_SECS",
     "TOKENVAULT_LOG_FORMAT",
+    "TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,10 +125,9 @@ impl IdentitySettings {
     }
 }
 
-/// The OAuth2 token endpoint and how patiently we call it.
+/// How patiently token endpoints are called (every provider's alike).
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
-    pub token_url: Url,
     pub timeout: Duration,
     pub max_attempts: u32,
     pub backoff_base: Duration,
@@ -134,6 +141,11 @@ pub struct Settings {
     pub encryption_keys: Arc<KeyRing>,
     pub identity: IdentitySettings,
     pub upstream: UpstreamSettings,
+    /// Every provider: the built-in `trackunit` and the settings file's `[providers.NAME]` tables.
+    pub providers: Providers,
+    /// Plain http to hosts other than loopback allowed for upstreams (development only: a sandbox in
+    /// another container). `serve` warns while it is on.
+    pub insecure_http_upstreams: bool,
     /// irisAppIds we accept installs for; `None` accepts any.
     pub apps: Option<HashSet<String>>,
     pub log_format: LogFormat,
@@ -159,6 +171,8 @@ impl fmt::Debug for Settings {
             .field("encryption_keys", &self.encryption_keys)
             .field("identity", &self.identity)
             .field("upstream", &self.upstream)
+            .field("providers", &self.providers)
+            .field("insecure_http_upstreams", &self.insecure_http_upstreams)
             .field("apps", &self.apps)
             .field("log_format", &self.log_format)
             .field("token_cache_capacity", &self.token_cache_capacity)
@@ -193,16 +207,18 @@ type Lookup = Box<dyn Fn(&str) -> Option<String>>;
 pub struct Source {
     lookup: Lookup,
     file: HashMap<String, String>,
+    /// The file's `providers` table.
+    providers: toml::Table,
 }
 
 impl Source {
     /// The process environment, plus `config_file` when given.
     pub fn environment(config_file: Option<&Path>) -> Result<Self, SettingsError> {
-        let file = match config_file {
+        let (file, providers) = match config_file {
             Some(path) => read_config_file(path)?,
-            None => HashMap::new(),
+            None => (HashMap::new(), toml::Table::new()),
         };
-        Ok(Self { lookup: Box::new(|name| std::env::var(name).ok()), file })
+        Ok(Self { lookup: Box::new(|name| std::env::var(name).ok()), file, providers })
     }
 
     /// Only the given pairs (tests).
@@ -212,7 +228,17 @@ impl Source {
 
     /// Only the given variables (tests).
     pub fn from_map(map: HashMap<String, String>) -> Self {
-        Self { lookup: Box::new(move |name| map.get(name).cloned()), file: HashMap::new() }
+        Self {
+            lookup: Box::new(move |name| map.get(name).cloned()),
+            file: HashMap::new(),
+            providers: toml::Table::new(),
+        }
+    }
+
+    /// These variables, and a settings file's text (tests).
+    pub fn from_map_and_file(map: HashMap<String, String>, toml_text: &str) -> Result<Self, SettingsError> {
+        let (file, providers) = parse_config_text(toml_text, "(text)")?;
+        Ok(Self { lookup: Box::new(move |name| map.get(name).cloned()), file, providers })
     }
 
     fn get(&self, name: &'static str) -> Result<Option<String>, SettingsError> {
@@ -274,11 +300,24 @@ fn invalid(name: &'static str, reason: impl Into<String>) -> SettingsError {
     SettingsError::Invalid { name, reason: reason.into() }
 }
 
-fn read_config_file(path: &Path) -> Result<HashMap<String, String>, SettingsError> {
-    let fail = |reason: String| SettingsError::ConfigFile { path: path.display().to_string(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
-    table
+/// The flat settings of a TOML file, and its `providers` table.
+type ConfigFile = (HashMap<String, String>, toml::Table);
+
+fn read_config_file(path: &Path) -> Result<ConfigFile, SettingsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SettingsError::ConfigFile { path: path.display().to_string(), reason: e.to_string() })?;
+    parse_config_text(&text, &path.display().to_string())
+}
+
+fn parse_config_text(text: &str, path: &str) -> Result<ConfigFile, SettingsError> {
+    let fail = |reason: String| SettingsError::ConfigFile { path: path.to_owned(), reason };
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| fail(e.message().to_owned()))?;
+    let providers = match table.remove("providers") {
+        None => toml::Table::new(),
+        Some(toml::Value::Table(providers)) => providers,
+        Some(_) => return Err(fail("`providers` must be a table of [providers.NAME] tables".into())),
+    };
+    let flat = table
         .into_iter()
         .map(|(key, value)| {
             let text = match value {
@@ -295,19 +334,32 @@ fn read_config_file(path: &Path) -> Result<HashMap<String, String>, SettingsErro
             };
             Ok((key.to_ascii_lowercase(), text))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((flat, providers))
 }
 
-/// A URL we send secrets to or trust keys from: https, or http only to this machine (tests, local fakes).
-fn endpoint_url(source: &Source, name: &'static str, default: &str) -> Result<Url, SettingsError> {
-    let raw = source.get(name)?.unwrap_or_else(|| default.to_owned());
-    let url = Url::parse(raw.trim()).map_err(|e| invalid(name, e.to_string()))?;
+/// A URL we send secrets to or trust keys from: https, or http only to this machine (tests, local fakes),
+/// or anywhere when `allow_insecure_http` (TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS, development only).
+pub(crate) fn checked_url(raw: &str, allow_insecure_http: bool) -> Result<Url, String> {
+    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
     let loopback = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
     match url.scheme() {
         "https" => Ok(url),
-        "http" if loopback => Ok(url),
-        _ => Err(invalid(name, "must be an https URL (plain http is allowed only to localhost)")),
+        "http" if loopback || allow_insecure_http => Ok(url),
+        _ => Err("must be an https URL (plain http is allowed only to localhost, unless \
+                  TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS is on)"
+            .into()),
     }
+}
+
+fn endpoint_url(
+    source: &Source,
+    name: &'static str,
+    default: &str,
+    allow_insecure_http: bool,
+) -> Result<Url, SettingsError> {
+    let raw = source.get(name)?.unwrap_or_else(|| default.to_owned());
+    checked_url(&raw, allow_insecure_http).map_err(|reason| invalid(name, reason))
 }
 
 fn optional_text(source: &Source, name: &'static str) -> Result<Option<String>, SettingsError> {
@@ -321,6 +373,17 @@ fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
 impl Settings {
     pub fn load(source: &Source) -> Result<Self, SettingsError> {
         source.check_file_keys()?;
+        let insecure_http_upstreams =
+            match optional_text(source, "TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS")?.as_deref() {
+                None | Some("false" | "0" | "no") => false,
+                Some("true" | "1" | "yes") => true,
+                Some(other) => {
+                    return Err(invalid(
+                        "TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS",
+                        format!("{other:?} is not true or false"),
+                    ));
+                }
+            };
         let database_url = SecretString::from(source.required("DATABASE_URL")?);
         let keys_spec = SecretString::from(source.required("TOKENVAULT_ENCRYPTION_KEYS")?);
         let encryption_keys = KeyRing::parse(keys_spec.expose_secret())
@@ -400,6 +463,7 @@ impl Settings {
                     source,
                     "TOKENVAULT_TRACKUNIT_JWKS_URL",
                     "https://iris.trackunit.com/api/marketplace/jwks",
+                    insecure_http_upstreams,
                 )?,
                 issuer: optional_text(source, "TOKENVAULT_TRACKUNIT_ISSUER")?,
                 audience: optional_text(source, "TOKENVAULT_TRACKUNIT_AUDIENCE")?,
@@ -414,12 +478,17 @@ impl Settings {
                 )?,
                 required_claims,
             },
-            upstream: UpstreamSettings {
-                token_url: endpoint_url(
+            providers: Providers::new(
+                std::iter::once(Provider::trackunit(endpoint_url(
                     source,
                     "TOKENVAULT_TRACKUNIT_TOKEN_URL",
                     "https://auth.trackunit.com/apptoken",
-                )?,
+                    insecure_http_upstreams,
+                )?))
+                .chain(providers::parse(source.providers.clone(), insecure_http_upstreams)?),
+            ),
+            insecure_http_upstreams,
+            upstream: UpstreamSettings {
                 timeout: Duration::from_secs(source.parsed("TOKENVAULT_UPSTREAM_TIMEOUT_SECS", 10)?),
                 max_attempts,
                 backoff_base: Duration::from_millis(source.parsed("TOKENVAULT_UPSTREAM_BACKOFF_MS", 200)?),
@@ -453,7 +522,8 @@ mod tests {
         assert_eq!(settings.public_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(settings.internal_addr.to_string(), "127.0.0.1:8081");
         assert_eq!(settings.identity.jwks_url.as_str(), "https://iris.trackunit.com/api/marketplace/jwks");
-        assert_eq!(settings.upstream.token_url.as_str(), "https://auth.trackunit.com/apptoken");
+        let trackunit = settings.providers.get("trackunit").unwrap();
+        assert_eq!(trackunit.token_url.as_str(), "https://auth.trackunit.com/apptoken");
         assert_eq!(settings.identity.leeway, Duration::from_secs(60));
         assert!(settings.apps.is_none());
         assert_eq!(settings.log_format, LogFormat::Json);
@@ -504,6 +574,30 @@ mod tests {
         assert!(base("TOKENVAULT_TRACKUNIT_ALGORITHMS", "none").is_err());
         assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://auth.example.com/token").is_err());
         assert!(base("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://127.0.0.1:9/token").is_ok());
+        let insecure = Settings::load(&Source::from_pairs([
+            ("DATABASE_URL", "postgres://x"),
+            ("TOKENVAULT_ENCRYPTION_KEYS", keys.as_str()),
+            ("TOKENVAULT_TRACKUNIT_TOKEN_URL", "http://sandbox:8090/apptoken"),
+            ("TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS", "true"),
+        ]))
+        .unwrap();
+        assert!(insecure.insecure_http_upstreams, "only when explicitly allowed");
+    }
+
+    #[test]
+    fn provider_tables_of_the_settings_file_are_loaded_beside_the_built_in_trackunit() {
+        let keys = keys();
+        let vars = HashMap::from([
+            ("DATABASE_URL".to_owned(), "postgres://x".to_owned()),
+            ("TOKENVAULT_ENCRYPTION_KEYS".to_owned(), keys),
+        ]);
+        let text = "tokenvault_apps = \"@a/b\"\n[providers.trulioo]\ntoken_url = \"https://auth-api.trulioo.com/connect/token\"\n";
+        let settings = Settings::load(&Source::from_map_and_file(vars.clone(), text).unwrap()).unwrap();
+        let names: Vec<&str> = settings.providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["trackunit", "trulioo"]);
+        let bad = "[providers.trulioo]\ntoken_url = \"https://a/t\"\nexpiry_margin = 30\n";
+        let error = Settings::load(&Source::from_map_and_file(vars, bad).unwrap()).err().unwrap().to_string();
+        assert!(error.starts_with("providers.trulioo.expiry_margin: unknown field"), "{error}");
     }
 
     #[test]

@@ -13,10 +13,11 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
-use crate::broker::{Broker, ProviderProfile, TokenEndpoint};
+use crate::broker::Broker;
 use crate::directory::{Change, Directory};
 use crate::identity::{IdentityVerifier, JwksCache};
 use crate::in_flight::InFlight;
+use crate::provider::Endpoint;
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::store;
@@ -148,18 +149,28 @@ impl Application {
         let broker = Arc::new(Broker::new(
             pool.clone(),
             Arc::clone(&settings.encryption_keys),
-            TokenEndpoint::new(&settings.upstream, ProviderProfile::trackunit()),
+            Endpoint::new(settings.upstream.timeout, settings.upstream.max_attempts, settings.upstream.backoff_base),
+            Arc::new(settings.providers.clone()),
             Arc::clone(&directory),
-            // Each mint holds a connection across the upstream call. Leave one for the LISTEN connection
-            // and half of the rest for callbacks, readiness and directory reads.
-            (settings.database_max_connections as usize).saturating_sub(1) / 2,
-            settings.token_cache_capacity,
-            settings.rejected_probe_schedule.clone(),
+            crate::broker::Limits {
+                // Each mint holds a connection across the upstream call. Leave one for the LISTEN
+                // connection and half of the rest for callbacks, readiness and directory reads.
+                max_concurrent_mints: (settings.database_max_connections as usize).saturating_sub(1) / 2,
+                capacity: settings.token_cache_capacity,
+                probe_schedule: settings.rejected_probe_schedule.clone(),
+            },
         ));
+        if settings.insecure_http_upstreams {
+            tracing::warn!(
+                "TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS is on: credentials may be sent over plain http to hosts \
+                 other than this one. For development only (a sandbox in another container); never in production"
+            );
+        }
         if !settings.identity.binds_tokens() {
             tracing::warn!(
-                "identity tokens are checked for Trackunit's signature only: any token Trackunit signed (for \
-                 another app, say) is accepted until it expires, once. Set TOKENVAULT_TRACKUNIT_ISSUER, \
+                "identity tokens are bound to nothing but Trackunit's signature: a token Trackunit signed for \
+                 another purpose (another app's install, say) whose claims do not contradict the body delivers one \
+                 message until it expires. Set TOKENVAULT_TRACKUNIT_ISSUER, \
                  TOKENVAULT_TRACKUNIT_AUDIENCE or TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS (`tokenvault identity claims` \
                  shows the claims Trackunit's tokens carry) to bind them to this deployment"
             );
@@ -183,6 +194,7 @@ impl Application {
             claim_names: crate::claim_names::ClaimNames::new(pool.clone()),
             database: crate::readiness::DatabaseProbe::of_pool(pool.clone()),
             broker,
+            providers: Arc::new(settings.providers.clone()),
             directory,
             apps: settings.apps.clone(),
             metrics: metrics_handle(),

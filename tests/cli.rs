@@ -459,6 +459,7 @@ async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_
         accounts: vec!["*".into()],
         scopes: vec!["*".into()],
         apps: vec!["*".into()],
+        providers: vec!["*".into()],
         admin: false,
     };
     tokenvault::store::api_client::create(&pool, "load", &key.sha256(), &grants).await.unwrap();
@@ -729,5 +730,5 @@ async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
     let lines = log.lines().filter(|line| line.contains("callback refused")).count() as u64;
     assert!(lines <= 5 * seconds, "at most 5 lines a second: {lines} in {seconds} s");
     assert_eq!(lines + suppressed, 60, "every refusal logged or counted");
-    assert!(log.contains("identity tokens are checked for Trackunit's signature only"), "the start-up warning");
+    assert!(log.contains("identity tokens are bound to nothing but Trackunit's signature"), "the start-up warning");
 }

@@ -14,30 +14,29 @@
 
 mod backoff;
 mod entry;
+mod mint;
 pub mod probe;
 mod token;
-pub mod upstream;
 
+pub use crate::provider::UpstreamError;
 pub use token::Token;
-pub use upstream::{ProviderProfile, TokenEndpoint, UpstreamError};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use moka::sync::Cache;
-use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use self::backoff::Backoff;
 use self::entry::Entry;
-use crate::crypto::{Aad, AadVersion, KeyRing, SecretField, TokenRow};
+use crate::crypto::{KeyRing, TokenRow};
 use crate::directory::Directory;
 use crate::domain::ScopeSet;
-use crate::store::installation::{self, Installation, Status};
-use crate::store::mint_failure::{self, MintFailureRow};
-use crate::store::token_cache::{self, CachedTokenRow};
+use crate::provider::{Endpoint, Providers};
+use crate::store::installation::{Installation, Status};
+use crate::store::token_cache;
 
 /// Why no token could be handed out.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +52,9 @@ pub enum BrokerError {
     PreviouslyRejected,
     #[error("the stored credentials of installation {0} cannot be decrypted")]
     CredentialsUnreadable(Uuid),
+    /// The installation's provider is no longer configured.
+    #[error("the installation's provider is not configured")]
+    UnknownProvider,
     /// The installation's credentials changed, or it stopped being active, while the request waited:
     /// look it up again.
     #[error("the installation changed while the request waited")]
@@ -135,53 +137,11 @@ impl CacheKey {
     }
 }
 
-/// The failure a `mint_failure` row records, `remaining` before the key may mint again.
-fn recorded_error(row: &MintFailureRow, remaining: Duration) -> UpstreamError {
-    match row.kind.as_str() {
-        "rejected" => UpstreamError::Rejected {
-            status: row.http_status.and_then(|s| u16::try_from(s).ok()).unwrap_or(400),
-            error: row.error_code.clone().unwrap_or_else(|| "no error code".into()),
-        },
-        "invalid_scope" => UpstreamError::InvalidScope,
-        "failed" => UpstreamError::Failed {
-            attempts: row.attempts.and_then(|a| u32::try_from(a).ok()).unwrap_or(1),
-            reason: "recorded by the replica that made the call".into(),
-        },
-        _ => UpstreamError::Unavailable {
-            retry_after: remaining,
-            reason: "recorded by the replica that made the call".into(),
-        },
-    }
-}
-
-/// The `mint_failure` row recording the `failures`th failure in a row, `error`, backing off for `wait`.
-fn failure_row(failures: u32, wait: Duration, error: &UpstreamError) -> MintFailureRow {
-    let attempts = match error {
-        UpstreamError::Failed { attempts, .. } => i32::try_from(*attempts).ok(),
-        _ => None,
-    };
-    let (kind, http_status, error_code) = match error {
-        UpstreamError::Unavailable { .. } => ("unavailable", None, None),
-        UpstreamError::Failed { .. } => ("failed", None, None),
-        UpstreamError::InvalidScope => ("invalid_scope", None, None),
-        UpstreamError::Rejected { status, error } => ("rejected", Some(i32::from(*status)), Some(error.clone())),
-        // Never recorded here: it rejects the whole installation instead.
-        UpstreamError::InvalidClient => ("rejected", Some(401), Some("invalid_client".to_owned())),
-    };
-    MintFailureRow {
-        failures: i32::try_from(failures).unwrap_or(i32::MAX),
-        retry_at: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
-        kind: kind.to_owned(),
-        http_status,
-        error_code,
-        attempts,
-    }
-}
-
 pub struct Broker {
     pool: PgPool,
     keys: Arc<KeyRing>,
-    upstream: TokenEndpoint,
+    endpoint: Endpoint,
+    providers: Arc<Providers>,
     directory: Arc<Directory>,
     memory: Cache<CacheKey, Arc<Entry>, FastHash>,
     /// Installations with tokens in `memory`, so `forget` registers an invalidation only when there is
@@ -204,21 +164,31 @@ pub struct Broker {
     runtime: tokio::runtime::Handle,
 }
 
+/// How much a broker may hold and do at once.
+pub struct Limits {
+    /// Mints at once (each holds a pooled connection for its whole upstream call).
+    pub max_concurrent_mints: usize,
+    /// Most tokens kept in memory; beyond it the least useful are evicted (TinyLFU).
+    pub capacity: u64,
+    /// When rejected installations are probed again (see `probe`).
+    pub probe_schedule: Vec<Duration>,
+}
+
 impl Broker {
-    /// `capacity`: most tokens kept in memory; beyond it the least useful are evicted (TinyLFU).
     pub fn new(
         pool: PgPool,
         keys: Arc<KeyRing>,
-        upstream: TokenEndpoint,
+        endpoint: Endpoint,
+        providers: Arc<Providers>,
         directory: Arc<Directory>,
-        max_concurrent_mints: usize,
-        capacity: u64,
-        probe_schedule: Vec<Duration>,
+        limits: Limits,
     ) -> Self {
+        let Limits { max_concurrent_mints, capacity, probe_schedule } = limits;
         Self {
             pool,
             keys,
-            upstream,
+            endpoint,
+            providers,
             directory,
             memory: Cache::builder()
                 .max_capacity(capacity)
@@ -236,22 +206,25 @@ impl Broker {
         }
     }
 
-    /// The installation a token request is for: the one of `app_id`, or the account's only usable one
-    /// among the apps the caller `may_use_app`.
+    /// The installation a token request is for: the account's credentials at `provider`; for Trackunit,
+    /// the installation of `app_id`, or the account's only usable one among the apps the caller
+    /// `may_use_app`.
     pub async fn resolve(
         &self,
+        provider: &str,
         account_id: &str,
         app_id: Option<&str>,
         may_use_app: impl Fn(&str) -> bool,
     ) -> Result<Installation, BrokerError> {
         let installations = self.directory.installations(account_id).await?;
-        pick(&installations, app_id, may_use_app).cloned()
+        pick(&installations, provider, app_id, may_use_app).cloned()
     }
 
     /// The hot path, all in memory and without waiting: a token for an account whose installations, and a
     /// token fresh for `min_ttl`, are already cached. `None` means "take the full path".
     pub fn cached(
         self: &Arc<Self>,
+        provider: &str,
         account_id: &str,
         app_id: Option<&str>,
         scopes: &ScopeSet,
@@ -260,7 +233,7 @@ impl Broker {
     ) -> Option<(Arc<Token>, Lease)> {
         let installations = self.directory.cached_installations(account_id)?;
         // Borrowed, not cloned: an installation holds half a dozen heap fields and this runs per request.
-        let index = pick_index(&installations, app_id, may_use_app)
+        let index = pick_index(&installations, provider, app_id, may_use_app)
             .ok()
             .filter(|&i| installations[i].status() == Status::Active)?;
         let installation = &installations[index];
@@ -311,23 +284,28 @@ impl Lease {
 /// an app the caller `may_use_app`.
 fn pick<'a>(
     installations: &'a [Installation],
+    provider: &str,
     app_id: Option<&str>,
     may_use_app: impl Fn(&str) -> bool,
 ) -> Result<&'a Installation, BrokerError> {
-    pick_index(installations, app_id, may_use_app).map(|index| &installations[index])
+    pick_index(installations, provider, app_id, may_use_app).map(|index| &installations[index])
 }
 
-/// [`pick`], as a position in `installations`.
+/// [`pick`], as a position in `installations`. Apps are Trackunit's: at another provider an account has
+/// one set of credentials, and app grants do not apply.
 fn pick_index(
     installations: &[Installation],
+    provider: &str,
     app_id: Option<&str>,
     may_use_app: impl Fn(&str) -> bool,
 ) -> Result<usize, BrokerError> {
     let usable = |i: &Installation| {
-        matches!(i.status(), Status::Active | Status::Rejected) && app_id.is_none_or(|app| i.app_id == app)
+        i.provider == provider
+            && matches!(i.status(), Status::Active | Status::Rejected)
+            && app_id.is_none_or(|app| i.app_id.as_deref() == Some(app))
     };
-    let mut granted =
-        installations.iter().enumerate().filter(|(_, i)| usable(i) && may_use_app(&i.app_id)).map(|(at, _)| at);
+    let granted_app = |i: &Installation| i.app_id.as_deref().is_none_or(&may_use_app);
+    let mut granted = installations.iter().enumerate().filter(|(_, i)| usable(i) && granted_app(i)).map(|(at, _)| at);
     match (granted.next(), granted.next()) {
         (Some(only), None) => Ok(only),
         (Some(_), Some(_)) => Err(BrokerError::AmbiguousApp),
@@ -538,190 +516,6 @@ impl Broker {
         tracing::warn!(installation.id = %key.installation_id, seconds_left = token.seconds_left(now), "serving a still-valid token while the upstream fails");
         metrics::counter!("tokenvault_token_served_degraded_total").increment(1);
         Some(token)
-    }
-
-    fn open_cached(&self, key: &CacheKey, row: &CachedTokenRow) -> Result<Token, crate::crypto::OpenError> {
-        let version = AadVersion::from_column(row.aad_version).ok_or(crate::crypto::OpenError::Unauthentic)?;
-        let bound = key.token_row(&row.token_type, &row.granted_scope, row.expires_at);
-        let aad = Aad::cached_token(version, &bound, None);
-        let access_token = self.keys.open_string(&row.key_id, &row.access_token_ciphertext, &aad)?;
-        Ok(Token::from_row(access_token, row, &key.scope_key))
-    }
-
-    /// Under the cross-process lock: the token another replica stored, or a fresh mint stored for all.
-    ///
-    /// Under the lock it first reads what a replica that held it before may have recorded: the
-    /// installation rejected (invalid_client) or changed, or the key backing off after a failed mint.
-    /// Either is answered as it is, without calling the upstream. A failed mint is recorded the same way,
-    /// in the same transaction, for the requests and replicas that wait behind it.
-    #[tracing::instrument(skip_all, fields(installation.id = %installation.id))]
-    async fn shared_or_mint(
-        &self,
-        installation: &Installation,
-        key: &CacheKey,
-        scopes: &ScopeSet,
-        want: Want,
-    ) -> Result<Obtained, BrokerError> {
-        let satisfies = |token: &Token| match want {
-            Want::FreshFor(min_ttl) => token.fresh_for(min_ttl, Utc::now()),
-            Want::NewerThan(expiry) => token.expires_at > expiry && token.seconds_left(Utc::now()) > 0,
-        };
-        // Most refreshes find the token another replica has just stored. Look first without a mint
-        // permit or the lock, so that only mints hold permits: a burst of refreshes that only read
-        // must not queue for the permits the mints need.
-        if let Some(token) = self.shared(key, &satisfies, &mut *self.pool.acquire().await?).await? {
-            return Ok(Obtained { token, minted: false, stored: true });
-        }
-        let waiting_since = std::time::Instant::now();
-        let _permit = self.mints.acquire().await.expect("the semaphore is never closed");
-        let mut tx = self.pool.begin().await?;
-        token_cache::lock_key(&mut tx, key.installation_id, &key.scope_key).await?;
-        // Again under the lock: another replica may have minted, or failed to, while we waited for it.
-        if let Some(token) = self.shared(key, &satisfies, &mut tx).await? {
-            tx.commit().await?;
-            return Ok(Obtained { token, minted: false, stored: true });
-        }
-        match installation::state(&mut tx, installation.id).await? {
-            Some((status, version)) if version == installation.credentials_version && status == "active" => {}
-            Some((status, version)) if version == installation.credentials_version && status == "rejected" => {
-                self.directory.forget_account(&installation.account_id);
-                return Err(BrokerError::PreviouslyRejected);
-            }
-            _ => {
-                self.directory.forget_account(&installation.account_id);
-                return Err(BrokerError::Changed);
-            }
-        }
-        // A failure recorded while we waited for the lock is the outcome of the mint we waited for.
-        let waited = waiting_since.elapsed() + Duration::from_millis(20);
-        if let Some((recorded, during_wait)) =
-            mint_failure::get(&mut tx, key.installation_id, &key.scope_key, waited).await?
-        {
-            let now = Utc::now();
-            if let Ok(remaining) = (recorded.retry_at - now).to_std()
-                && !remaining.is_zero()
-            {
-                let error = recorded_error(&recorded, remaining);
-                self.backoff.adopt(key, recorded.failures.max(1) as u32, remaining, error.clone());
-                self.failing.insert(key.installation_id, ());
-                tx.commit().await?;
-                let shared = if during_wait { Some(error) } else { backoff::refusal(&error) };
-                return Err(match shared {
-                    Some(error) => error.into(),
-                    None => UpstreamError::Unavailable {
-                        retry_after: remaining,
-                        reason: "backing off after upstream failures".into(),
-                    }
-                    .into(),
-                });
-            }
-        }
-
-        let (client_id, client_secret) = self.open_credentials(installation)?;
-        metrics::counter!("tokenvault_token_cache_total", "tier" => "mint").increment(1);
-        let minted = match self.upstream.mint(&client_id, &client_secret, scopes).await {
-            Ok(minted) => minted,
-            Err(UpstreamError::InvalidClient) => {
-                let first_probe = self.probe_schedule.first().copied().unwrap_or(Duration::from_secs(60));
-                installation::mark_rejected(
-                    &mut tx,
-                    installation.id,
-                    installation.credentials_version,
-                    &key.scope_key,
-                    first_probe,
-                )
-                .await?;
-                tx.commit().await?;
-                self.directory.forget_account(&installation.account_id);
-                tracing::warn!(
-                    probe_in_s = first_probe.as_secs(),
-                    "upstream rejected the client credentials; installation marked rejected"
-                );
-                return Err(UpstreamError::InvalidClient.into());
-            }
-            Err(error) => {
-                let (failures, wait) = self.backoff.failed(key, &error);
-                self.failing.insert(key.installation_id, ());
-                let row = failure_row(failures, wait, &error);
-                mint_failure::put(&mut tx, key.installation_id, &key.scope_key, &row).await?;
-                tx.commit().await?;
-                tracing::warn!(error = %error, failures, retry_in_ms = wait.as_millis() as u64, "token mint failed; backing off");
-                return Err(error.into());
-            }
-        };
-        self.backoff.succeeded(key);
-        mint_failure::delete(&mut tx, key.installation_id, &key.scope_key).await?;
-        let token = Token::from_minted(minted, scopes);
-        let row = self.seal_token(key, &token);
-        let stored =
-            token_cache::put(&mut tx, key.installation_id, &key.scope_key, key.credentials_version, &row).await?;
-        tx.commit().await?;
-        Ok(Obtained { token, minted: true, stored })
-    }
-
-    /// `token` sealed for the shared table, bound to its key and to what it is (type, scope, expiry).
-    fn seal_token(&self, key: &CacheKey, token: &Token) -> CachedTokenRow {
-        let bound = key.token_row(&token.token_type, &token.scope, token.expires_at);
-        let aad = Aad::cached_token(AadVersion::CURRENT, &bound, None);
-        let sealed = self.keys.seal(token.access_token.expose_secret().as_bytes(), &aad);
-        CachedTokenRow {
-            key_id: sealed.key_id.as_str().to_owned(),
-            access_token_ciphertext: sealed.bytes,
-            token_type: token.token_type.clone(),
-            granted_scope: token.scope.clone(),
-            issued_at: token.issued_at,
-            expires_at: token.expires_at,
-            aad_version: AadVersion::CURRENT.as_column(),
-        }
-    }
-
-    /// The token in the shared table for `key`, if it satisfies the caller. A row that does not decrypt
-    /// (its key retired) counts as none, and the caller mints; a database error is the caller's, who
-    /// must not mint while the table cannot be read.
-    async fn shared(
-        &self,
-        key: &CacheKey,
-        satisfies: &impl Fn(&Token) -> bool,
-        conn: &mut sqlx::PgConnection,
-    ) -> Result<Option<Token>, sqlx::Error> {
-        let Some(row) = token_cache::get(conn, key.installation_id, &key.scope_key, key.credentials_version).await?
-        else {
-            return Ok(None);
-        };
-        match self.open_cached(key, &row) {
-            Ok(token) if satisfies(&token) => {
-                metrics::counter!("tokenvault_token_cache_total", "tier" => "database").increment(1);
-                Ok(Some(token))
-            }
-            Ok(_) => Ok(None),
-            Err(error) => {
-                tracing::warn!(error = %error, "cached token unreadable; minting a new one");
-                Ok(None)
-            }
-        }
-    }
-
-    fn open_credentials(
-        &self,
-        installation: &Installation,
-    ) -> Result<(secrecy::SecretString, secrecy::SecretString), BrokerError> {
-        let unreadable = || BrokerError::CredentialsUnreadable(installation.id);
-        let (Some(key_id), Some(id_sealed), Some(secret_sealed), Some(version)) = (
-            installation.key_id.as_deref(),
-            installation.client_id_ciphertext.as_deref(),
-            installation.client_secret_ciphertext.as_deref(),
-            AadVersion::from_column(installation.aad_version),
-        ) else {
-            return Err(unreadable());
-        };
-        let row = installation.credential_row();
-        let open = |sealed: &[u8], field| {
-            self.keys.open_string(key_id, sealed, &Aad::credential(version, &row, field)).map_err(|error| {
-                    tracing::error!(installation.id = %installation.id, error = %error, "stored credentials do not decrypt");
-                    unreadable()
-                })
-        };
-        Ok((open(id_sealed, SecretField::ClientId)?, open(secret_sealed, SecretField::ClientSecret)?))
     }
 
     /// Drops every in-memory token of an installation (its credentials changed or were erased), and what

@@ -2,7 +2,8 @@
 //! storm against an upstream that disables failing clients), but an upstream incident that refuses every
 //! client, or credentials not yet propagated right after an install, must not strand the account until
 //! Trackunit happens to send a new INSTALLED. So a rejected installation is probed with one upstream call
-//! on a schedule (by default 1 min, 10 min and 1 h after the rejection, then every 6 h), and becomes
+//! on a schedule (by default 1 min after the rejection, then 10 min and 1 h after each probe, then every
+//! 6 h), and becomes
 //! active again when the probe mints. Every replica runs the prober; a probe is claimed in the database
 //! first, so each is made once. Probes are audited (`REJECTION_PROBE`) and counted
 //! (`tokenvault_rejection_probes_total`).
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use super::{Broker, CacheKey, Token, UpstreamError};
 use crate::domain::ScopeSet;
+use crate::provider::Grant;
 use crate::store::callback_event::{self, CallbackEvent};
 use crate::store::installation::{self, DueProbe};
 use crate::store::{mint_failure, token_cache};
@@ -58,10 +60,10 @@ impl Broker {
     async fn probe(&self, due: DueProbe) -> sqlx::Result<()> {
         let installation = &due.installation;
         let scopes = due.probe_scope_key.as_deref().and_then(|key| ScopeSet::parse(key.split(' ')).ok());
-        let outcome = match (&scopes, self.open_credentials(installation)) {
-            (Some(scopes), Ok((client_id, client_secret))) => {
-                metrics::counter!("tokenvault_token_cache_total", "tier" => "mint").increment(1);
-                match self.upstream.mint(&client_id, &client_secret, scopes).await {
+        let outcome = match (&scopes, self.open_credentials(installation), self.provider_of(installation)) {
+            (Some(scopes), Ok(credentials), Ok(provider)) => {
+                let provider = Arc::clone(provider);
+                match self.mint(&provider, &credentials, Grant::ClientCredentials, scopes).await {
                     Ok(minted) => Ok(Token::from_minted(minted, scopes)),
                     Err(error) => Err(Some(error)),
                 }
@@ -97,7 +99,7 @@ impl Broker {
         };
         let event = CallbackEvent {
             event_type: "REJECTION_PROBE",
-            app_id: Some(&installation.app_id),
+            app_id: installation.app_id.as_deref(),
             account_id: Some(&installation.account_id),
             outcome: label,
             identity_issued_at: None,

@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-use super::upstream::MintedToken;
 use crate::domain::ScopeSet;
+use crate::provider::MintedToken;
 use crate::store::token_cache::CachedTokenRow;
 
 /// An access token we may hand out. `Debug` never shows the token itself. Built only by [`Token::new`]

@@ -100,6 +100,21 @@ impl Aad {
         }
     }
 
+    /// For the refresh token of user-delegated credentials at its `generation` (bumped at each rotation,
+    /// so a spent token written back does not open). Version 2 only: refresh tokens came with it.
+    pub fn refresh_token(row: &CredentialRow<'_>, generation: i64) -> Self {
+        Self::from_parts(&[
+            "tokenvault/v2",
+            "refresh_token",
+            row.provider,
+            row.app_id,
+            row.account_id,
+            &row.installation_id.to_string(),
+            &row.credentials_version.to_string(),
+            &generation.to_string(),
+        ])
+    }
+
     /// For a cached access token (or the refresh token that came with it: `field`).
     pub fn cached_token(version: AadVersion, row: &TokenRow<'_>, field: Option<SecretField>) -> Self {
         let (installation, credentials_version) =

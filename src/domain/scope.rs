@@ -56,7 +56,8 @@ fn check(value: &str) -> Result<(), ScopeError> {
     Ok(())
 }
 
-/// A non-empty, sorted, de-duplicated set of scopes. Its [`key`](Self::key) is the same for every order
+/// A sorted, de-duplicated set of scopes: non-empty when parsed from a request, empty only for a provider
+/// that is asked for no scope ([`ScopeSet::empty`]). Its [`key`](Self::key) is the same for every order
 /// and repetition of the same scopes, so `["b","a","a"]` and `["a","b"]` share one cached token.
 ///
 /// The set is kept as that key alone: no scope holds a space, so the key splits back into the scopes, and
@@ -85,13 +86,23 @@ impl ScopeSet {
         Ok(Self { key: scopes.join(" ").into() })
     }
 
-    /// The scopes space-joined in sorted order: the `scope` form parameter and the cache key.
+    /// No scope: for a provider whose token requests carry none (its key is the empty string).
+    pub fn empty() -> Self {
+        Self { key: Arc::from("") }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.key.is_empty()
+    }
+
+    /// The scopes space-joined in sorted order: the cache key (and, joined with the provider's
+    /// separator, the `scope` form parameter).
     pub fn key(&self) -> &Arc<str> {
         &self.key
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.key.split(' ')
+        self.key.split(' ').filter(|scope| !scope.is_empty())
     }
 }
 
@@ -112,6 +123,13 @@ mod tests {
         assert_eq!(&**set.key(), "a b");
         assert_eq!(set.iter().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(format!("{set:?}"), r#"{"a", "b"}"#);
+    }
+
+    #[test]
+    fn the_empty_set_has_no_scopes_and_an_empty_key() {
+        let empty = ScopeSet::empty();
+        assert!(empty.is_empty() && empty.iter().next().is_none() && empty.key().is_empty());
+        assert!(!ScopeSet::parse(["a"]).unwrap().is_empty());
     }
 
     #[test]

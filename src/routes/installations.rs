@@ -9,6 +9,15 @@ use crate::error::ApiError;
 use crate::installs::{self, Reactivation};
 use crate::store::installation;
 
+/// `GET /v1/installations?provider=NAME`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only the installations of this provider.
+    provider: Option<String>,
+}
+
 #[utoipa::path(
     get,
     path = "/v1/installations",
@@ -17,10 +26,12 @@ use crate::store::installation;
     security(("service_key" = [])),
     summary = "Every installation (admin only)",
     description = "Admin only: needs a key made with `tokenvault clients create --admin`; another valid key gets \
-                   403. Lists every installation, oldest first, without credentials or client ids.",
+                   403. Lists every installation (every account's credentials at every provider), oldest first, \
+                   without credentials or client ids.",
+    params(ListQuery),
     responses(
         (status = 200, description = "The installations.", body = openapi::InstallationList,
-         example = json!({"installations": [{"id": "0b8e1f2a-5c3d-4e6f-8a9b-0c1d2e3f4a5b",
+         example = json!({"installations": [{"id": "0b8e1f2a-5c3d-4e6f-8a9b-0c1d2e3f4a5b", "provider": "trackunit",
                                              "app_id": "@acme/fleet-insights", "account_id": "7b1c5e0a-acme",
                                              "status": "active", "created_at": "2026-11-22T12:00:00.123456Z",
                                              "updated_at": "2026-11-22T12:00:00.123456Z"}]})),
@@ -29,10 +40,12 @@ use crate::store::installation;
 )]
 pub async fn list(request: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let digest = auth::presented_key(&request)?;
-    let task_state = state.clone();
+    let query = web::Query::<ListQuery>::from_query(request.query_string())
+        .map_err(|_| ApiError::InvalidRequest("the query may hold only `provider`".into()))?;
+    let (task_state, provider) = (state.clone(), query.into_inner().provider);
     let installations = super::offload(&state, async move {
         auth::authenticate_admin(&digest, &task_state).await?;
-        Ok(installation::list(&task_state.pool).await?)
+        Ok(installation::list(&task_state.pool, provider.as_deref()).await?)
     })
     .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "installations": installations })))
@@ -89,7 +102,8 @@ pub async fn revoke(
     params(("id" = String, Path, format = "uuid", description = "The installation's id.")),
     responses(
         (status = 200, description = "The installation, now active.", body = openapi::InstallationSummary,
-         example = json!({"id": "0b8e1f2a-5c3d-4e6f-8a9b-0c1d2e3f4a5b", "app_id": "@acme/fleet-insights",
+         example = json!({"id": "0b8e1f2a-5c3d-4e6f-8a9b-0c1d2e3f4a5b", "provider": "trackunit",
+                          "app_id": "@acme/fleet-insights",
                           "account_id": "7b1c5e0a-acme", "status": "active",
                           "created_at": "2026-11-22T12:00:00.123456Z", "updated_at": "2026-11-22T12:05:00.5Z"})),
         openapi::ReactivateProblems,

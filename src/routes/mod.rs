@@ -7,6 +7,7 @@ mod callbacks;
 mod health;
 mod installations;
 pub(crate) mod openapi;
+mod providers;
 mod repeat;
 mod tokens;
 
@@ -32,6 +33,8 @@ pub struct AppState {
     /// Whether the database answers, probed at most once a second (`/readyz`).
     pub database: crate::readiness::DatabaseProbe,
     pub broker: Arc<Broker>,
+    /// Every provider, by name.
+    pub providers: Arc<crate::provider::Providers>,
     pub directory: Arc<Directory>,
     pub apps: Option<HashSet<String>>,
     pub metrics: PrometheusHandle,
@@ -93,6 +96,17 @@ pub fn internal(config: &mut web::ServiceConfig) {
         .service(
             web::resource("/v1/installations/{id}/reactivate")
                 .route(web::post().to(installations::reactivate))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/providers")
+                .route(web::get().to(providers::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/providers/{provider}/accounts/{account_id}/credentials")
+                .route(web::put().to(providers::put))
+                .route(web::delete().to(providers::delete))
                 .default_service(web::to(method_not_allowed)),
         )
         .service(

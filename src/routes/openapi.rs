@@ -61,6 +61,9 @@ pub async fn serve(state: web::Data<AppState>) -> HttpResponse {
         super::installations::list,
         super::installations::revoke,
         super::installations::reactivate,
+        super::providers::list,
+        super::providers::put,
+        super::providers::delete,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,
@@ -120,19 +123,23 @@ pub struct Problem {
     code: String,
 }
 
-/// A request for an access token for one account.
+/// A request for an access token for one account at one provider.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "a documentation type: described, never built")]
 pub struct TokenRequest {
-    /// The Trackunit account the token is for. No control characters.
+    /// The provider (see `GET /v1/providers`); `trackunit` when omitted.
+    #[schema(nullable = false, pattern = "^[a-z][a-z0-9_-]{0,31}$", default = "trackunit")]
+    provider: Option<String>,
+    /// The account the token is for. No control characters.
     #[schema(min_length = 1, max_length = 256)]
     account_id: String,
-    /// The `irisAppId`. Needed only when the account has installed several of your apps.
+    /// The `irisAppId` (Trackunit only). Needed only when the account has installed several of your apps.
     #[schema(min_length = 1, max_length = 256)]
     app_id: Option<String>,
-    /// The scopes to ask for. Order and duplicates do not matter.
-    #[schema(min_items = 1, max_items = 64)]
-    scopes: Vec<Scope>,
+    /// The scopes to ask for. Order and duplicates do not matter. May be omitted or empty when the
+    /// provider has `default_scopes` (or sends no scope); the key must be granted whichever are asked.
+    #[schema(nullable = false, max_items = 64)]
+    scopes: Option<Vec<Scope>>,
     /// The least time, in seconds, the token must have left. A cached token with less left is not handed
     /// out, except: above half the token's lifetime, half its lifetime is enough; and after a transient
     /// failure to mint, any token not yet expired may be. Always read `expires_in`.
@@ -165,6 +172,33 @@ pub struct TokenAnswer {
     scope: String,
 }
 
+/// An account's credentials at a provider. `client_id` is required; `client_secret` too, unless a
+/// `refresh_token` is given (a public client). Each at most 8 KiB, without control characters. With a
+/// `refresh_token` the credentials are user-delegated: every token is minted with the refresh token grant.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct CredentialsRequest {
+    #[schema(min_length = 1, max_length = 8192)]
+    client_id: String,
+    #[schema(min_length = 1, max_length = 8192)]
+    client_secret: Option<String>,
+    #[schema(min_length = 1, max_length = 8192)]
+    refresh_token: Option<String>,
+}
+
+/// Registered credentials, as answered: never a secret.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct CredentialsSummary {
+    provider: String,
+    account_id: String,
+    status: InstallationStatus,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+}
+
 /// Every installation, oldest first. Never a credential or a client id.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "a documentation type: described, never built")]
@@ -172,14 +206,15 @@ pub struct InstallationList {
     installations: Vec<InstallationSummary>,
 }
 
-/// One installation of an app by an account.
+/// One account's credentials at one provider: for Trackunit, one installation of an app by an account.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "a documentation type: described, never built")]
 pub struct InstallationSummary {
     #[schema(format = "uuid")]
     id: String,
-    /// The `irisAppId`.
-    app_id: String,
+    provider: String,
+    /// The `irisAppId`; null for other providers.
+    app_id: Option<String>,
     account_id: String,
     status: InstallationStatus,
     #[schema(format = DateTime)]
@@ -389,6 +424,43 @@ impl IntoResponses for ReactivateProblems {
             (ApiError::Forbidden("this route needs an admin key".into()), "The key is not an admin key."),
             (ApiError::InstallationNotFound, "The id is not a UUID, or no installation has it."),
             (ApiError::NoCredentials, "The installation is uninstalled or revoked: it holds no credentials."),
+            (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
+            (internal(), "A bug or an unexpected database error."),
+        ])
+    }
+}
+
+/// The problems of `PUT /v1/providers/{provider}/accounts/{account_id}/credentials`.
+pub struct CredentialsProblems;
+
+impl IntoResponses for CredentialsProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (ApiError::InvalidRequest("`client_id` is required".into()), "The body or the account id is malformed."),
+            (ApiError::Unauthenticated, "No service key, an unknown key, or a revoked key."),
+            (ApiError::Forbidden("this route needs an admin key".into()), "The key is not an admin key."),
+            (ApiError::UnknownProvider, "No provider of this name is configured."),
+            (ApiError::CredentialsFromCallback, "The provider is `trackunit`, whose credentials arrive by callback."),
+            (ApiError::PayloadTooLarge(32 * 1024), "The body is larger than 32 KiB."),
+            (ApiError::UnsupportedMediaType, "`Content-Type` is not `application/json` or `application/*+json`."),
+            (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
+            (internal(), "A bug or an unexpected database error."),
+        ])
+    }
+}
+
+/// The problems of `DELETE /v1/providers/{provider}/accounts/{account_id}/credentials`.
+pub struct CredentialsDeleteProblems;
+
+impl IntoResponses for CredentialsDeleteProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (ApiError::InvalidRequest("the account id must not be empty".into()), "The account id is malformed."),
+            (ApiError::Unauthenticated, "No service key, an unknown key, or a revoked key."),
+            (ApiError::Forbidden("this route needs an admin key".into()), "The key is not an admin key."),
+            (ApiError::UnknownProvider, "No provider of this name is configured."),
+            (ApiError::NotFound, "No credentials of this account at this provider to delete."),
+            (ApiError::CredentialsFromCallback, "The provider is `trackunit`, whose credentials arrive by callback."),
             (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
             (internal(), "A bug or an unexpected database error."),
         ])

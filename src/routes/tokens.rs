@@ -1,5 +1,6 @@
-//! `POST /v1/tokens`: hands an access token for an account to an internal service allowed to have it.
-//! Checks, in this order: 401 key, 400 body, 403 grant, 404 installation, 409 ambiguity, then upstream.
+//! `POST /v1/tokens`: hands an access token for an account at a provider to an internal service allowed
+//! to have it. Checks, in this order: 401 key, 400 body, 403 grant (provider, account, app, scopes), 404
+//! (unknown provider, then no installation), 409 ambiguity, then the upstream.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use super::{AppState, auth, body, openapi, repeat};
 use crate::broker::{BrokerError, UpstreamError};
 use crate::domain::{ScopeSet, TextField};
 use crate::error::ApiError;
+use crate::provider::{Provider, Providers, TRACKUNIT};
 use crate::store::api_client::ApiClient;
 use crate::store::installation::Installation;
 
@@ -21,10 +23,22 @@ const LONGEST_MIN_TTL_SECS: u64 = 86_400;
 
 /// A checked token request.
 struct TokenRequest {
+    /// The provider, or the name asked for when no provider has it (404 once the grants are checked).
+    provider: Result<std::sync::Arc<Provider>, String>,
     account_id: TextField,
     app_id: Option<TextField>,
+    /// The scopes to ask for: those requested, or the provider's defaults when none were.
     scopes: ScopeSet,
     min_ttl: Duration,
+}
+
+impl TokenRequest {
+    fn provider_name(&self) -> &str {
+        match &self.provider {
+            Ok(provider) => &provider.name,
+            Err(name) => name,
+        }
+    }
 }
 
 #[utoipa::path(
@@ -117,13 +131,18 @@ fn cached_token(
         return Some(token);
     }
     let client = state.directory.cached_client(digest)?;
-    let wanted = parse(body).ok()?;
+    let wanted = parse(body, &state.providers).ok()?;
     authorize(&client, &wanted).ok()?;
+    let provider = wanted.provider.as_ref().ok()?;
     let app_id = wanted.app_id.as_ref().map(TextField::as_str);
-    let (token, lease) =
-        state.broker.cached(wanted.account_id.as_str(), app_id, &wanted.scopes, wanted.min_ttl, |app| {
-            client.may_use_app(app)
-        })?;
+    let (token, lease) = state.broker.cached(
+        &provider.name,
+        wanted.account_id.as_str(),
+        app_id,
+        &wanted.scopes,
+        wanted.min_ttl,
+        |app| client.may_use_app(app),
+    )?;
     // A token granted more than was asked: the full path decides (and refuses a caller not granted it all).
     if !token.extra_scopes().is_empty() && beyond_grant(&client, &token).is_some() {
         return None;
@@ -140,9 +159,12 @@ pub(super) fn record_on_span(client: &ApiClient, installation: &Installation) {
     span.record("installation.id", tracing::field::display(installation.id));
 }
 
-/// 403 unless `client` is granted the account, the app when one is named, and every scope (whether or
-/// not the account is installed).
+/// 403 unless `client` is granted the provider, the account, the app when one is named, and every scope
+/// (whether or not the account is installed, or the provider exists).
 fn authorize(client: &ApiClient, wanted: &TokenRequest) -> Result<(), ApiError> {
+    if !client.may_use_provider(wanted.provider_name()) {
+        return Err(ApiError::Forbidden("this key is not granted this provider".into()));
+    }
     if !client.may_access_account(wanted.account_id.as_str()) {
         return Err(ApiError::Forbidden("this key is not granted this account".into()));
     }
@@ -166,9 +188,10 @@ async fn issue_token(
     let span = tracing::Span::current();
     span.record("client.name", client.name.as_str());
     let raw = body?;
-    let wanted = parse(&raw)?;
+    let wanted = parse(&raw, &state.providers)?;
     span.record("account.id", wanted.account_id.as_str());
     authorize(&client, &wanted)?;
+    let provider = wanted.provider.as_ref().map_err(|_| ApiError::UnknownProvider)?;
 
     let broker = &state.broker;
     let app_id = wanted.app_id.as_ref().map(TextField::as_str);
@@ -177,7 +200,7 @@ async fn issue_token(
     let token = loop {
         looked_up += 1;
         let installation = broker
-            .resolve(wanted.account_id.as_str(), app_id, |app| client.may_use_app(app))
+            .resolve(&provider.name, wanted.account_id.as_str(), app_id, |app| client.may_use_app(app))
             .await
             .map_err(broker_error)?;
         span.record("installation.id", tracing::field::display(installation.id));
@@ -214,12 +237,16 @@ fn beyond_grant(client: &ApiClient, token: &crate::broker::Token) -> Option<Stri
 fn broker_error(error: BrokerError) -> ApiError {
     match error {
         BrokerError::NotInstalled | BrokerError::Changed => ApiError::NotInstalled,
+        BrokerError::UnknownProvider => ApiError::UnknownProvider,
         BrokerError::AmbiguousApp => ApiError::AmbiguousApp,
         BrokerError::AppNotGranted => {
             ApiError::Forbidden("this key is not granted the app of this installation".into())
         }
         BrokerError::PreviouslyRejected | BrokerError::Upstream(UpstreamError::InvalidClient) => {
-            ApiError::UpstreamRejected("the client credentials are invalid (invalid_client)".into())
+            ApiError::UpstreamRejected("the credentials were refused (invalid_client or invalid_grant)".into())
+        }
+        BrokerError::Upstream(UpstreamError::InvalidGrant) => {
+            ApiError::UpstreamRejected("the refresh token was refused (invalid_grant)".into())
         }
         BrokerError::CredentialsUnreadable(_) => ApiError::CredentialsUnreadable,
         BrokerError::Upstream(UpstreamError::InvalidScope) => ApiError::InvalidScope,
@@ -242,6 +269,8 @@ fn broker_error(error: BrokerError) -> ApiError {
 /// request of the hot path. serde refuses a repeated known field; unknown fields are ignored.
 #[derive(serde::Deserialize)]
 struct RawRequest<'a> {
+    #[serde(borrow, default)]
+    provider: Option<Cow<'a, str>>,
     #[serde(borrow)]
     account_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -252,15 +281,35 @@ struct RawRequest<'a> {
     min_ttl_seconds: Option<serde_json::Number>,
 }
 
-fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
+fn parse(raw: &[u8], providers: &Providers) -> Result<TokenRequest, ApiError> {
     let bad = |detail: String| ApiError::InvalidRequest(detail);
     let request: RawRequest<'_> =
         serde_json::from_slice(raw).map_err(|e| bad(format!("the body is not a valid token request: {e}")))?;
     let text = |name: &str, value: &str| TextField::parse(value).map_err(|e| bad(format!("`{name}` {e}")));
+    let name = request.provider.as_deref().unwrap_or(TRACKUNIT);
+    if !crate::settings::valid_provider_name(name) {
+        return Err(bad("`provider` must match [a-z][a-z0-9_-]{0,31}".into()));
+    }
+    let provider = providers.get(name).cloned().ok_or_else(|| name.to_owned());
     let account_id = text("account_id", &request.account_id.ok_or_else(|| bad("`account_id` is missing".into()))?)?;
     let app_id = request.app_id.map(|app| text("app_id", &app)).transpose()?;
-    let scopes = request.scopes.ok_or_else(|| bad("`scopes` must be an array of strings".into()))?;
-    let scopes = ScopeSet::parse(scopes.iter().map(|s| s.as_ref())).map_err(|e| bad(format!("`scopes`: {e}")))?;
+    if app_id.is_some() && name != TRACKUNIT {
+        return Err(bad("`app_id` applies to the trackunit provider only".into()));
+    }
+    let requested = match request.scopes {
+        Some(scopes) if !scopes.is_empty() => {
+            Some(ScopeSet::parse(scopes.iter().map(|s| s.as_ref())).map_err(|e| bad(format!("`scopes`: {e}")))?)
+        }
+        _ => None,
+    };
+    let scopes = match (&provider, requested) {
+        (_, Some(scopes)) => scopes,
+        (Ok(provider), None) if provider.needs_scopes() => {
+            return Err(bad("`scopes` must name at least one scope: this provider has no default scopes".into()));
+        }
+        (Ok(provider), None) => provider.scopes_for(None),
+        (Err(_), None) => ScopeSet::empty(),
+    };
     let min_ttl_secs = match request.min_ttl_seconds {
         None => DEFAULT_MIN_TTL_SECS,
         Some(number) => number
@@ -268,7 +317,7 @@ fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
             .filter(|secs| *secs <= LONGEST_MIN_TTL_SECS)
             .ok_or_else(|| bad(format!("`min_ttl_seconds` must be a whole number from 0 to {LONGEST_MIN_TTL_SECS}")))?,
     };
-    Ok(TokenRequest { account_id, app_id, scopes, min_ttl: Duration::from_secs(min_ttl_secs) })
+    Ok(TokenRequest { provider, account_id, app_id, scopes, min_ttl: Duration::from_secs(min_ttl_secs) })
 }
 
 #[cfg(test)]
@@ -276,13 +325,56 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Trackunit, and a provider with default scopes and one that sends none.
+    fn providers() -> Providers {
+        let url = |path: &str| format!("https://auth.example.com/{path}").parse().unwrap();
+        let mut with_defaults = Provider::trackunit(url("trulioo"));
+        with_defaults.name = "trulioo".into();
+        with_defaults.default_scopes = ScopeSet::parse(["workflow.studio.api"]).unwrap();
+        let mut scopeless = Provider::trackunit(url("triumph"));
+        scopeless.name = "triumph".into();
+        scopeless.send_scope = false;
+        Providers::new([Provider::trackunit(url("apptoken")), with_defaults, scopeless])
+    }
+
+    fn parse(raw: &[u8]) -> Result<TokenRequest, ApiError> {
+        super::parse(raw, &providers())
+    }
+
     #[test]
     fn parses_a_full_request_and_applies_defaults() {
         let request = parse(br#"{"account_id":"a","scopes":["x","y"]}"#).unwrap();
         assert_eq!(request.min_ttl, Duration::from_secs(60));
         assert!(request.app_id.is_none());
+        assert_eq!(request.provider_name(), "trackunit", "the default provider");
         let request = parse(br#"{"account_id":"a","scopes":["x"],"app_id":"@o/a","min_ttl_seconds":0}"#).unwrap();
         assert_eq!(request.app_id.unwrap().as_str(), "@o/a");
+    }
+
+    #[test]
+    fn scopes_default_to_the_providers_and_an_unknown_provider_is_kept_for_a_404_after_the_grants() {
+        let request = parse(br#"{"provider":"trulioo","account_id":"a"}"#).unwrap();
+        assert_eq!(&**request.scopes.key(), "workflow.studio.api");
+        let request = parse(br#"{"provider":"trulioo","account_id":"a","scopes":[]}"#).unwrap();
+        assert_eq!(&**request.scopes.key(), "workflow.studio.api", "empty is the same as omitted");
+        let request = parse(br#"{"provider":"trulioo","account_id":"a","scopes":["other"]}"#).unwrap();
+        assert_eq!(&**request.scopes.key(), "other");
+        let request = parse(br#"{"provider":"triumph","account_id":"a"}"#).unwrap();
+        assert!(request.scopes.is_empty(), "a provider that sends no scope needs none");
+        let request = parse(br#"{"provider":"nope","account_id":"a","scopes":["x"]}"#).unwrap();
+        assert_eq!(request.provider.unwrap_err(), "nope");
+    }
+
+    #[test]
+    fn provider_names_app_ids_and_missing_scopes_are_checked() {
+        for body in [
+            &br#"{"provider":"Bad Name","account_id":"a","scopes":["x"]}"#[..],
+            br#"{"provider":7,"account_id":"a","scopes":["x"]}"#,
+            br#"{"provider":"trulioo","account_id":"a","app_id":"@o/a"}"#,
+            br#"{"account_id":"a"}"#,
+        ] {
+            assert!(matches!(parse(body), Err(ApiError::InvalidRequest(_))), "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]
@@ -295,6 +387,7 @@ mod tests {
             br#"{"account_id":"a","scopes":["a\nb"]}"#,
             br#"{"account_id":"a","scopes":[]}"#,
             br#"{"account_id":"a","scopes":"x"}"#,
+            br#"{"account_id":"a","scopes":null}"#,
             br#"{"account_id":5,"scopes":["x"]}"#,
             br#"{"scopes":["x"]}"#,
         ] {

@@ -11,6 +11,8 @@ pub struct ApiClient {
     pub scopes: Vec<String>,
     /// Trackunit apps (`irisAppId`s) this client may get tokens of; `*` for all.
     pub apps: Vec<String>,
+    /// Providers this client may get tokens of; `*` for all.
+    pub providers: Vec<String>,
     pub admin: bool,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -31,6 +33,10 @@ impl ApiClient {
     pub fn may_use_app(&self, app_id: &str) -> bool {
         self.apps.iter().any(|a| a == WILDCARD || a == app_id)
     }
+
+    pub fn may_use_provider(&self, provider: &str) -> bool {
+        self.providers.iter().any(|p| p == WILDCARD || p == provider)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +47,7 @@ pub enum CreateError {
     Database(#[from] sqlx::Error),
 }
 
-const COLUMNS: &str = "id, name, accounts, scopes, apps, admin, created_at, revoked_at";
+const COLUMNS: &str = "id, name, accounts, scopes, apps, providers, admin, created_at, revoked_at";
 
 /// What a new client is granted.
 #[derive(Debug, Clone)]
@@ -49,6 +55,7 @@ pub struct Grants {
     pub accounts: Vec<String>,
     pub scopes: Vec<String>,
     pub apps: Vec<String>,
+    pub providers: Vec<String>,
     pub admin: bool,
 }
 
@@ -59,7 +66,8 @@ pub async fn create(
     grants: &Grants,
 ) -> Result<ApiClient, CreateError> {
     sqlx::query_as(&format!(
-        "insert into api_client (name, key_sha256, accounts, scopes, apps, admin) values ($1, $2, $3, $4, $5, $6)
+        "insert into api_client (name, key_sha256, accounts, scopes, apps, providers, admin)
+         values ($1, $2, $3, $4, $5, $6, $7)
          returning {COLUMNS}"
     ))
     .bind(name)
@@ -67,6 +75,7 @@ pub async fn create(
     .bind(&grants.accounts)
     .bind(&grants.scopes)
     .bind(&grants.apps)
+    .bind(&grants.providers)
     .bind(grants.admin)
     .fetch_one(pool)
     .await

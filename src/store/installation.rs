@@ -35,11 +35,15 @@ impl Status {
     }
 }
 
-/// An installation with its sealed credentials. `Debug` shows no ciphertext.
+/// One account's credentials at one provider, sealed. For Trackunit, what an IrisX install delivered (one
+/// per app and account); for other providers, what an operator registered (one per account, no app).
+/// `Debug` shows no ciphertext.
 #[derive(Clone, sqlx::FromRow)]
 pub struct Installation {
     pub id: Uuid,
-    pub app_id: String,
+    pub provider: String,
+    /// The Trackunit app; `None` for other providers.
+    pub app_id: Option<String>,
     pub account_id: String,
     pub status: String,
     pub key_id: Option<String>,
@@ -49,6 +53,8 @@ pub struct Installation {
     pub credentials_version: i64,
     /// The associated-data format the ciphertexts were sealed with (see `crypto::AadVersion`).
     pub aad_version: i16,
+    /// `client_credentials`, or `refresh_token` for user-delegated credentials.
+    pub grant_type: String,
 }
 
 impl Installation {
@@ -56,11 +62,21 @@ impl Installation {
         Status::parse(&self.status)
     }
 
+    /// The Trackunit app, or "" for other providers.
+    pub fn app(&self) -> &str {
+        self.app_id.as_deref().unwrap_or_default()
+    }
+
+    /// Whether its tokens are minted with a refresh token registered for it (user-delegated credentials).
+    pub fn is_delegated(&self) -> bool {
+        self.grant_type == "refresh_token"
+    }
+
     /// The row its credential ciphertexts are bound to.
     pub fn credential_row(&self) -> CredentialRow<'_> {
         CredentialRow {
-            provider: "trackunit",
-            app_id: &self.app_id,
+            provider: &self.provider,
+            app_id: self.app(),
             account_id: &self.account_id,
             installation_id: self.id,
             credentials_version: self.credentials_version,
@@ -72,6 +88,7 @@ impl std::fmt::Debug for Installation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Installation")
             .field("id", &self.id)
+            .field("provider", &self.provider)
             .field("app_id", &self.app_id)
             .field("account_id", &self.account_id)
             .field("status", &self.status)
@@ -86,7 +103,8 @@ impl std::fmt::Debug for Installation {
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct Summary {
     pub id: Uuid,
-    pub app_id: String,
+    pub provider: String,
+    pub app_id: Option<String>,
     pub account_id: String,
     pub status: String,
     pub created_at: DateTime<Utc>,
@@ -97,13 +115,15 @@ pub struct Summary {
 pub struct SealedCredentials<'a> {
     pub key_id: &'a str,
     pub client_id: &'a [u8],
-    pub client_secret: &'a [u8],
+    /// `None` for a public client (user-delegated credentials without a secret).
+    pub client_secret: Option<&'a [u8]>,
     /// The associated-data format they were sealed with.
     pub aad_version: i16,
 }
 
-const COLUMNS: &str = "id, app_id, account_id, status, key_id, client_id_ciphertext, client_secret_ciphertext, \
-                       identity_issued_at, credentials_version, aad_version";
+const COLUMNS: &str = "id, provider, app_id, account_id, status, key_id, client_id_ciphertext, \
+                       client_secret_ciphertext, identity_issued_at, credentials_version, aad_version, grant_type";
+const SUMMARY_COLUMNS: &str = "id, provider, app_id, account_id, status, created_at, updated_at";
 
 /// Locks and returns the installation of `(app_id, account_id)`, if any.
 pub async fn lock(conn: &mut PgConnection, app_id: &str, account_id: &str) -> sqlx::Result<Option<Installation>> {
@@ -219,13 +239,14 @@ pub async fn erase(
 }
 
 /// Marks an installation rejected by the upstream, unless its credentials changed meanwhile, and
-/// schedules its first probe `first_probe_in` from now, asking for the scopes of `scope_key`.
+/// schedules its first probe `first_probe_in` from now, asking for the scopes of `scope_key` (no probe
+/// when `None`: refused user-delegated credentials only come back with new ones).
 pub async fn mark_rejected(
     conn: &mut PgConnection,
     id: Uuid,
     credentials_version: i64,
     scope_key: &str,
-    first_probe_in: std::time::Duration,
+    first_probe_in: Option<std::time::Duration>,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "update installation set status = 'rejected', rejected_at = now(), probe_count = 0,
@@ -235,7 +256,7 @@ pub async fn mark_rejected(
     .bind(id)
     .bind(credentials_version)
     .bind(scope_key)
-    .bind(first_probe_in.as_secs_f64())
+    .bind(first_probe_in.map(|wait| wait.as_secs_f64()))
     .execute(conn)
     .await
     .map(drop)
@@ -312,7 +333,7 @@ pub async fn reactivate(conn: &mut PgConnection, id: Uuid, credentials_version: 
 
 /// Every installation of an account, whatever its status.
 pub async fn for_account(pool: &PgPool, account_id: &str) -> sqlx::Result<Vec<Installation>> {
-    sqlx::query_as(&format!("select {COLUMNS} from installation where account_id = $1 order by app_id"))
+    sqlx::query_as(&format!("select {COLUMNS} from installation where account_id = $1 order by provider, app_id"))
         .bind(account_id)
         .fetch_all(pool)
         .await
@@ -326,18 +347,84 @@ pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Ins
 }
 
 pub async fn summary(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Summary>> {
-    sqlx::query_as("select id, app_id, account_id, status, created_at, updated_at from installation where id = $1")
+    sqlx::query_as(&format!("select {SUMMARY_COLUMNS} from installation where id = $1"))
         .bind(id)
         .fetch_optional(pool)
         .await
 }
 
-pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<Summary>> {
-    sqlx::query_as(
-        "select id, app_id, account_id, status, created_at, updated_at from installation order by created_at, id",
-    )
+/// Every installation, oldest first; only those of `provider` when given.
+pub async fn list(pool: &PgPool, provider: Option<&str>) -> sqlx::Result<Vec<Summary>> {
+    sqlx::query_as(&format!(
+        "select {SUMMARY_COLUMNS} from installation where ($1::text is null or provider = $1) order by created_at, id"
+    ))
+    .bind(provider)
     .fetch_all(pool)
     .await
+}
+
+/// Locks and returns the credentials of `account_id` at a provider other than Trackunit, if any.
+pub async fn lock_at_provider(
+    conn: &mut PgConnection,
+    provider: &str,
+    account_id: &str,
+) -> sqlx::Result<Option<Installation>> {
+    sqlx::query_as(&format!(
+        "select {COLUMNS} from installation where provider = $1 and account_id = $2 and app_id is null for update"
+    ))
+    .bind(provider)
+    .bind(account_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Registers credentials of `account_id` at a provider other than Trackunit, with id `id` at credentials
+/// version 1; `None` when a concurrent registration won the race (lock that one instead).
+pub async fn insert_at_provider(
+    conn: &mut PgConnection,
+    id: Uuid,
+    provider: &str,
+    account_id: &str,
+    credentials: &SealedCredentials<'_>,
+    grant_type: &str,
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "insert into installation (id, provider, app_id, account_id, status, key_id, client_id_ciphertext,
+             client_secret_ciphertext, credentials_version, aad_version, grant_type)
+         values ($1, $2, null, $3, 'active', $4, $5, $6, 1, $7, $8)
+         on conflict (provider, account_id) where app_id is null do nothing
+         returning id",
+    )
+    .bind(id)
+    .bind(provider)
+    .bind(account_id)
+    .bind(credentials.key_id)
+    .bind(credentials.client_id)
+    .bind(credentials.client_secret)
+    .bind(credentials.aad_version)
+    .bind(grant_type)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Sets how a locked installation's tokens are minted (its credentials were just replaced).
+pub async fn set_grant_type(conn: &mut PgConnection, id: Uuid, grant_type: &str) -> sqlx::Result<()> {
+    sqlx::query("update installation set grant_type = $2 where id = $1")
+        .bind(id)
+        .bind(grant_type)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Deletes an installation and, by cascade, its cached tokens, refresh token and recorded failures.
+pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("delete from installation where id = $1").bind(id).execute(conn).await.map(drop)
+}
+
+/// When an installation was created and last changed.
+pub async fn timestamps(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<(DateTime<Utc>, DateTime<Utc>)> {
+    sqlx::query_as("select created_at, updated_at from installation where id = $1").bind(id).fetch_one(conn).await
 }
 
 /// Locks up to `limit` installations sealed under a key other than `primary` or with associated data older
@@ -386,7 +473,10 @@ pub async fn key_usage(pool: &PgPool) -> sqlx::Result<Vec<(String, String, i64)>
     sqlx::query_as(
         "select key_id, 'installation', count(*) from installation where key_id is not null group by key_id
          union all
-         select key_id, 'token_cache', count(*) from token_cache where expires_at > now() group by key_id
+         select key_id, 'refresh_token', count(*) from refresh_token group by key_id
+         union all
+         select key_id, 'token_cache', count(*) from token_cache
+         where expires_at > now() or refresh_token_ciphertext is not null group by key_id
          order by 1, 2",
     )
     .fetch_all(pool)
@@ -401,7 +491,8 @@ mod tests {
     fn debug_shows_no_ciphertext() {
         let installation = Installation {
             id: Uuid::nil(),
-            app_id: "@o/a".into(),
+            provider: "trackunit".into(),
+            app_id: Some("@o/a".into()),
             account_id: "acc".into(),
             status: "active".into(),
             key_id: Some("k1".into()),
@@ -410,6 +501,7 @@ mod tests {
             identity_issued_at: None,
             credentials_version: 1,
             aad_version: 2,
+            grant_type: "client_credentials".into(),
         };
         let debug = format!("{installation:?}");
         assert!(debug.contains("acc") && !debug.contains("67, 73, 80"), "{debug}");

@@ -8,6 +8,7 @@ pub mod identity_claim_set;
 pub mod identity_replay;
 pub mod installation;
 pub mod mint_failure;
+pub mod refresh_token;
 pub mod token_cache;
 
 use std::str::FromStr;

@@ -13,6 +13,9 @@ pub struct CachedTokenRow {
     pub expires_at: DateTime<Utc>,
     /// The associated-data format the ciphertext was sealed with (see `crypto::AadVersion`).
     pub aad_version: i16,
+    /// A refresh token that came with the access token, sealed under the same key.
+    pub refresh_token_ciphertext: Option<Vec<u8>>,
+    pub refresh_expires_at: Option<DateTime<Utc>>,
 }
 
 /// Serializes minting of one (installation, scope set) across every process sharing the database, until
@@ -32,7 +35,8 @@ pub async fn get(
     credentials_version: i64,
 ) -> sqlx::Result<Option<CachedTokenRow>> {
     sqlx::query_as(
-        "select key_id, access_token_ciphertext, token_type, granted_scope, issued_at, expires_at, aad_version
+        "select key_id, access_token_ciphertext, token_type, granted_scope, issued_at, expires_at, aad_version,
+             refresh_token_ciphertext, refresh_expires_at
          from token_cache where installation_id = $1 and scope_key = $2 and credentials_version = $3",
     )
     .bind(installation_id)
@@ -53,15 +57,18 @@ pub async fn put(
 ) -> sqlx::Result<bool> {
     sqlx::query(
         "insert into token_cache (installation_id, scope_key, credentials_version, key_id,
-             access_token_ciphertext, token_type, granted_scope, issued_at, expires_at, aad_version)
-         select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
+             access_token_ciphertext, token_type, granted_scope, issued_at, expires_at, aad_version,
+             refresh_token_ciphertext, refresh_expires_at)
+         select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
          where exists (select 1 from installation
                        where id = $1 and credentials_version = $3 and status = 'active')
          on conflict on constraint token_cache_pkey do update set
              credentials_version = excluded.credentials_version, key_id = excluded.key_id,
              access_token_ciphertext = excluded.access_token_ciphertext, token_type = excluded.token_type,
              granted_scope = excluded.granted_scope, issued_at = excluded.issued_at,
-             expires_at = excluded.expires_at, aad_version = excluded.aad_version",
+             expires_at = excluded.expires_at, aad_version = excluded.aad_version,
+             refresh_token_ciphertext = excluded.refresh_token_ciphertext,
+             refresh_expires_at = excluded.refresh_expires_at",
     )
     .bind(installation_id)
     .bind(scope_key)
@@ -73,6 +80,8 @@ pub async fn put(
     .bind(row.issued_at)
     .bind(row.expires_at)
     .bind(row.aad_version)
+    .bind(&row.refresh_token_ciphertext)
+    .bind(row.refresh_expires_at)
     .execute(conn)
     .await
     .map(|result| result.rows_affected() == 1)
@@ -94,9 +103,16 @@ pub struct KeyedRow {
     pub row: CachedTokenRow,
 }
 
-/// Deletes tokens that have expired: they can never be served again, and they would keep an old key in use.
+/// Deletes tokens that have expired and hold no refresh token that may still be spent: they can never be
+/// served again, and they would keep an old key in use.
 pub async fn delete_expired(conn: &mut PgConnection) -> sqlx::Result<u64> {
-    Ok(sqlx::query("delete from token_cache where expires_at < now()").execute(conn).await?.rows_affected())
+    let deleted = sqlx::query(
+        "delete from token_cache where expires_at < now()
+             and (refresh_token_ciphertext is null or (refresh_expires_at is not null and refresh_expires_at < now()))",
+    )
+    .execute(conn)
+    .await?;
+    Ok(deleted.rows_affected())
 }
 
 /// Locks up to `limit` cached tokens sealed under a key other than `primary` or with associated data older
@@ -110,7 +126,7 @@ pub async fn lock_needing_reseal(
 ) -> sqlx::Result<Vec<KeyedRow>> {
     sqlx::query_as(
         "select installation_id, scope_key, credentials_version, key_id, access_token_ciphertext, token_type,
-             granted_scope, issued_at, expires_at, aad_version
+             granted_scope, issued_at, expires_at, aad_version, refresh_token_ciphertext, refresh_expires_at
          from token_cache
          where (key_id <> $1 or aad_version < $4) and not ((installation_id::text || '/' || scope_key) = any($2))
          order by installation_id, scope_key limit $3 for update",
@@ -123,15 +139,19 @@ pub async fn lock_needing_reseal(
     .await
 }
 
+/// Replaces the ciphertexts of a locked cached token (and its refresh token, when it has one) with the same
+/// values sealed again.
 pub async fn reseal(
     conn: &mut PgConnection,
     row: &KeyedRow,
     key_id: &str,
     ciphertext: &[u8],
+    refresh_ciphertext: Option<&[u8]>,
     aad_version: i16,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "update token_cache set key_id = $3, access_token_ciphertext = $4, aad_version = $5
+        "update token_cache set key_id = $3, access_token_ciphertext = $4, aad_version = $5,
+             refresh_token_ciphertext = $6
          where installation_id = $1 and scope_key = $2",
     )
     .bind(row.installation_id)
@@ -139,6 +159,7 @@ pub async fn reseal(
     .bind(key_id)
     .bind(ciphertext)
     .bind(aad_version)
+    .bind(refresh_ciphertext)
     .execute(conn)
     .await
     .map(drop)

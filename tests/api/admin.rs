@@ -16,7 +16,7 @@ async fn admins_list_installations_without_secrets_or_client_ids() {
     assert_eq!(rows.len(), 1);
     let mut keys: Vec<&str> = rows[0].as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort();
-    assert_eq!(keys, ["account_id", "app_id", "created_at", "id", "status", "updated_at"]);
+    assert_eq!(keys, ["account_id", "app_id", "created_at", "id", "provider", "status", "updated_at"]);
     assert_eq!(rows[0]["status"], "active");
 }
 

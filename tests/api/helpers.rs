@@ -524,8 +524,13 @@ impl TestApp {
         let key = ServiceKey::generate();
         let to_vec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let name = format!("client-{}", uuid::Uuid::new_v4().simple());
-        let grants =
-            api_client::Grants { accounts: to_vec(accounts), scopes: to_vec(scopes), apps: to_vec(apps), admin };
+        let grants = api_client::Grants {
+            accounts: to_vec(accounts),
+            scopes: to_vec(scopes),
+            apps: to_vec(apps),
+            providers: vec!["*".into()],
+            admin,
+        };
         api_client::create(&self.pool, &name, &key.sha256(), &grants).await.unwrap();
         key.expose().to_owned()
     }
