@@ -8,6 +8,8 @@
 #   `dev` keeps data durably; `test` trades durability for speed (fsync off). Each cluster takes the first
 #   free port from 54329 (dev) or 54330 (test) and remembers it in its directory (tokenvault.port).
 # - TOKENVAULT_ENCRYPTION_KEYS: when unset, a development key kept in .tmp/dev-encryption-key.
+# - test only: the conformance servers' packages (scripts/conformance-setup.sh: a Python venv and npm ci under
+#   tests/conformance/), exported as TOKENVAULT_CONFORMANCE_PYTHON and TOKENVAULT_CONFORMANCE_NODE_DIR.
 # Nothing here is for production: there, set DATABASE_URL and TOKENVAULT_ENCRYPTION_KEYS yourself.
 set -euo pipefail
 
@@ -111,6 +113,15 @@ if [ -z "${TOKENVAULT_ENCRYPTION_KEYS:-}" ] && [ -z "${TOKENVAULT_ENCRYPTION_KEY
     say "generated a development encryption key in $keyfile"
   fi
   export TOKENVAULT_ENCRYPTION_KEYS_FILE="$keyfile"
+fi
+
+# The test suite's conformance tests start real OAuth2 servers (tests/conformance/): set up their Python and
+# Node packages when missing (idempotent; seconds the first time, nothing after).
+if [ "$mode" = test ] && [ -z "${TOKENVAULT_CONFORMANCE_PYTHON:-}" ]; then
+  conformance=$("$root/scripts/conformance-setup.sh")
+  while IFS='=' read -r name value; do
+    case "$name" in TOKENVAULT_CONFORMANCE_*) export "$name=$value" ;; esac
+  done <<<"$conformance"
 fi
 
 exec "$@"

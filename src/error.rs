@@ -47,8 +47,10 @@ pub enum ApiError {
     InvalidScope,
     #[error("the upstream refused the request: {0}")]
     UpstreamRejected(String),
-    #[error("the upstream failed after {0} attempts")]
-    UpstreamError(u32),
+    /// `reason` is always our own words (an HTTP status, or which reply member was missing or
+    /// ill-typed), never text from the upstream.
+    #[error("the upstream failed after {attempts} attempts: {reason}")]
+    UpstreamError { attempts: u32, reason: String },
     #[error("the upstream token endpoint could not be reached; retry later")]
     UpstreamUnavailable { retry_after_secs: u64 },
     #[error("the signing keys of Trackunit are not loaded yet; retry later")]
@@ -85,7 +87,7 @@ impl ApiError {
             ApiError::NoCredentials => "no_credentials",
             ApiError::InvalidScope => "invalid_scope",
             ApiError::UpstreamRejected(_) => "upstream_rejected",
-            ApiError::UpstreamError(_) => "upstream_error",
+            ApiError::UpstreamError { .. } => "upstream_error",
             ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ApiError::IdentityKeysUnavailable { .. } => "identity_keys_unavailable",
             ApiError::DatabaseUnavailable => "database_unavailable",
@@ -166,7 +168,7 @@ impl ResponseError for ApiError {
                 StatusCode::CONFLICT
             }
             ApiError::InvalidScope => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::UpstreamRejected(_) | ApiError::UpstreamError(_) => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamRejected(_) | ApiError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamUnavailable { .. }
             | ApiError::IdentityKeysUnavailable { .. }
             | ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,

@@ -53,6 +53,10 @@ fn every_subcommand_has_help() {
         &["installations", "list", "--help"],
         &["installations", "reactivate", "--help"],
         &["identity", "claims", "--help"],
+        &["credentials", "put", "--help"],
+        &["credentials", "delete", "--help"],
+        &["credentials", "list", "--help"],
+        &["providers", "list", "--help"],
     ] {
         let output = run(tokenvault().args(args));
         assert!(output.status.success(), "{args:?}");
@@ -731,4 +735,66 @@ async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
     assert!(lines <= 5 * seconds, "at most 5 lines a second: {lines} in {seconds} s");
     assert_eq!(lines + suppressed, 60, "every refusal logged or counted");
     assert!(log.contains("identity tokens are bound to nothing but Trackunit's signature"), "the start-up warning");
+}
+
+#[tokio::test]
+async fn credentials_put_list_delete_and_providers_list_read_secrets_from_files_and_stdin_only() {
+    let config = "[providers.acme]\ntoken_url = \"{trackunit}/apptoken\"\n";
+    let app = spawn_app_with(Options { config_toml: config.into(), ..Options::default() }).await;
+    let dir = std::env::temp_dir().join(format!("tv-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_file = dir.join("tokenvault.toml");
+    std::fs::write(&config_file, &app.config_toml).unwrap();
+    let secret_file = dir.join("secret");
+    let credentials = credentials();
+    std::fs::write(&secret_file, format!("{}\n", credentials.client_secret)).unwrap();
+    let cli = || {
+        let mut command = tokenvault_for(&app);
+        command.env("TOKENVAULT_CONFIG", &config_file);
+        command
+    };
+
+    let providers = text(&run(cli().args(["providers", "list"])).stdout);
+    let names: Vec<String> = providers
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["acme", "trackunit"]);
+
+    let put =
+        |args: &[&str]| run(cli().args(["credentials", "put", "--provider", "acme", "--account", "acc-1"]).args(args));
+    let output = put(&["--client-id", &credentials.client_id, "--client-secret-file", secret_file.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("registered"));
+    let mut stdin_put = cli()
+        .args(["credentials", "put", "--provider", "acme", "--account", "acc-1", "--client-id", &credentials.client_id])
+        .arg("--client-secret-stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    stdin_put.stdin.take().unwrap().write_all(credentials.client_secret.as_bytes()).unwrap();
+    let output = stdin_put.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert!(text(&output.stdout).contains("replaced"));
+    let key = app.client(&["*"], &["*"], false).await;
+    let ask = json!({"provider": "acme", "account_id": "acc-1", "scopes": ["a"]});
+    assert_eq!(app.token(&key, &ask).await.status(), 200);
+    assert_eq!(app.upstream.calls.lock().unwrap()[0]["client_secret"], credentials.client_secret, "newline removed");
+
+    let listing = text(&run(cli().args(["credentials", "list"])).stdout);
+    assert!(listing.contains("acme") && listing.contains("acc-1"), "{listing}");
+    assert!(!listing.contains(&credentials.client_secret) && !listing.contains(&credentials.client_id));
+    let no_secret = put(&["--client-id", &credentials.client_id]);
+    assert_eq!(no_secret.status.code(), Some(1), "a secret or a refresh token is required");
+    let trackunit =
+        run(cli().args(["credentials", "put", "--provider", "trackunit", "--account", "a", "--client-id", "x"]));
+    assert_eq!(trackunit.status.code(), Some(1));
+    assert!(text(&trackunit.stderr).contains("callback"), "{}", text(&trackunit.stderr));
+
+    assert!(run(cli().args(["credentials", "delete", "--provider", "acme", "--account", "acc-1"])).status.success());
+    let again = run(cli().args(["credentials", "delete", "--provider", "acme", "--account", "acc-1"]));
+    assert_eq!(again.status.code(), Some(1));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -370,7 +370,7 @@ impl IntoResponses for TokenProblems {
                  `rejected`.",
             ),
             (
-                ApiError::UpstreamError(3),
+                ApiError::UpstreamError { attempts: 3, reason: "HTTP 503".into() },
                 "The token endpoint answered 5xx on the last attempt, or a reply that cannot be read.",
             ),
             (

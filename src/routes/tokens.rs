@@ -255,7 +255,7 @@ fn broker_error(error: BrokerError) -> ApiError {
         }
         BrokerError::Upstream(UpstreamError::Failed { attempts, reason }) => {
             tracing::warn!(attempts, reason, "upstream failed");
-            ApiError::UpstreamError(attempts)
+            ApiError::UpstreamError { attempts, reason }
         }
         BrokerError::Upstream(UpstreamError::Unavailable { retry_after, reason }) => {
             tracing::warn!(reason, "upstream unavailable");

@@ -33,6 +33,9 @@ fn leaked_secret(line: &str) -> Option<&'static str> {
     if line.contains("tvk_") {
         return Some("service key");
     }
+    if line.match_indices("rt-").any(|(at, _)| hex_run(&line[at + 3..])) {
+        return Some("refresh token");
+    }
     if line.match_indices("cid-").any(|(at, _)| hex_run(&line[at + 4..])) {
         return Some("client id");
     }
@@ -247,6 +250,8 @@ pub struct TestApp {
     pub encryption_keys: String,
     pub jwks: Arc<Mutex<Value>>,
     pub proxy: Option<Arc<DatabaseProxy>>,
+    /// The settings file's text the app was started with (see [`Options::config_toml`]).
+    pub config_toml: String,
     /// The test's own database, dropped when the app is (see [`drop_database`]).
     database: String,
     _stopper: Stopper,
@@ -260,11 +265,14 @@ pub struct Options {
     pub jwks_max_age: u64,
     /// Route the app's database connections through a [`DatabaseProxy`] the test can stop.
     pub proxy_database: bool,
+    /// The settings file's text (its `[providers.NAME]` tables), for the app and its replicas;
+    /// `{trackunit}` stands for the fake Trackunit's base URL.
+    pub config_toml: String,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { vars: Vec::new(), serve_jwks: true, jwks_max_age: 1, proxy_database: false }
+        Self { vars: Vec::new(), serve_jwks: true, jwks_max_age: 1, proxy_database: false, config_toml: String::new() }
     }
 }
 
@@ -340,7 +348,10 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .lock()
         .unwrap()
         .extend(encryption_keys.split(',').filter_map(|k| Some(k.split_once(':')?.1.to_owned())));
-    let settings = Settings::load(&Source::from_map(vars)).expect("test settings are valid");
+    // `{trackunit}` in the config stands for the fake Trackunit's URL (known only now).
+    let config_toml = options.config_toml.replace("{trackunit}", &trackunit.uri());
+    let settings = Settings::load(&Source::from_map_and_file(vars, &config_toml).expect("the test config parses"))
+        .expect("test settings are valid");
     let (public, internal, stopper) = start(settings).await.expect("the application starts");
 
     TestApp {
@@ -354,6 +365,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         encryption_keys,
         jwks,
         proxy,
+        config_toml,
         database,
         _stopper: stopper,
     }
@@ -454,7 +466,8 @@ impl TestApp {
         for (name, value) in overrides {
             vars.insert((*name).to_owned(), (*value).to_owned());
         }
-        let (public, internal, stopper) = start(Settings::load(&Source::from_map(vars))?).await?;
+        let (public, internal, stopper) =
+            start(Settings::load(&Source::from_map_and_file(vars, &self.config_toml)?)?).await?;
         Ok(Replica {
             public: format!("http://127.0.0.1:{public}"),
             internal: format!("http://127.0.0.1:{internal}"),
@@ -705,5 +718,97 @@ fn the_leak_scanner_recognises_every_secret_shape() {
     assert_eq!(leaked_secret(&format!("cid-{}", "a".repeat(32))), Some("client id"));
     assert_eq!(leaked_secret(&format!("\"at-12-{}\"", "f".repeat(32))), Some("access token"));
     assert_eq!(leaked_secret("Bearer tvk_abc"), Some("service key"));
+    assert_eq!(leaked_secret(&format!("x rt-{}", "0".repeat(48))), Some("refresh token"));
     assert_eq!(leaked_secret("waiting at-least 5 s, cid-1"), None);
+}
+
+/// A real OAuth2 authorization server from a package registry (tests/conformance/), started on loopback
+/// for this test and killed when dropped. `make test` sets up their packages (scripts/conformance-setup.sh).
+pub struct ConformanceServer {
+    child: std::process::Child,
+    pub base: String,
+    _config: std::path::PathBuf,
+}
+
+impl ConformanceServer {
+    /// The authlib server (tests/conformance/authlib_server.py) with `config`.
+    pub fn authlib(config: &Value) -> Self {
+        let python = std::env::var("TOKENVAULT_CONFORMANCE_PYTHON")
+            .expect("TOKENVAULT_CONFORMANCE_PYTHON is set by `make test` (scripts/with-env.sh test)");
+        let script = format!("{}/tests/conformance/authlib_server.py", env!("CARGO_MANIFEST_DIR"));
+        Self::start(std::process::Command::new(python).arg(script), config)
+    }
+
+    /// panva's oidc-provider (tests/conformance/oidc/server.mjs) with `config`.
+    pub fn oidc_provider(config: &Value) -> Self {
+        let dir = std::env::var("TOKENVAULT_CONFORMANCE_NODE_DIR")
+            .expect("TOKENVAULT_CONFORMANCE_NODE_DIR is set by `make test` (scripts/with-env.sh test)");
+        Self::start(std::process::Command::new("node").arg(format!("{dir}/server.mjs")), config)
+    }
+
+    fn start(command: &mut std::process::Command, config: &Value) -> Self {
+        use std::io::BufRead;
+        let path = std::env::temp_dir().join(format!("tv-conformance-{}.json", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&path, serde_json::to_vec(config).unwrap()).unwrap();
+        let mut child = command
+            .arg("--config")
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the conformance server starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().strip_prefix("LISTENING ").unwrap_or_else(|| panic!("no LISTENING line: {line:?}"));
+        Self { child, base: format!("http://127.0.0.1:{port}"), _config: path }
+    }
+
+    /// The server's own counters (`/stats`).
+    pub async fn stats(&self) -> Value {
+        reqwest::get(format!("{}/stats", self.base)).await.unwrap().json().await.unwrap()
+    }
+
+    /// Successful grants of `grant_type` so far.
+    pub async fn grants(&self, grant_type: &str) -> u64 {
+        self.stats().await["grants"][grant_type].as_u64().unwrap_or(0)
+    }
+
+    pub async fn post(&self, path: &str) {
+        let response = reqwest::Client::new().post(format!("{}{path}", self.base)).send().await.unwrap();
+        assert!(response.status().is_success(), "{path}");
+    }
+}
+
+impl Drop for ConformanceServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self._config);
+    }
+}
+
+impl TestApp {
+    /// Registers credentials of `account` at `provider` through the admin API; returns the answer.
+    pub async fn put_credentials(&self, admin: &str, provider: &str, account: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .put(format!("{}/v1/providers/{provider}/accounts/{account}/credentials", self.internal))
+            .bearer_auth(admin)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Every row of the tables that hold secrets, as JSON text: to search a "database dump" for plaintext.
+    pub async fn dump(&self) -> String {
+        let mut dump = String::new();
+        for table in ["installation", "token_cache", "refresh_token", "callback_event", "mint_failure", "api_client"] {
+            let rows: String = sqlx::query_scalar(&format!("select coalesce(json_agg(t)::text, '') from {table} t"))
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            dump.push_str(&rows);
+        }
+        dump
+    }
 }

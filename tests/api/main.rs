@@ -3,10 +3,12 @@
 
 mod admin;
 mod callbacks;
+mod conformance;
 mod hardening;
 mod helpers;
 mod identity;
 mod openapi;
+mod providers;
 mod redteam;
 mod repeat;
 mod resilience;
