@@ -213,20 +213,27 @@ async fn rotate(settings: &Settings, batch_size: i64) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     let report = crate::rotation::rotate(&pool, &settings.encryption_keys, batch_size).await?;
     println!(
-        "re-encrypted {} installation(s) and {} cached token(s) under key {}; deleted {} expired cached token(s)",
+        "re-encrypted {} installation(s), {} cached token(s) and {} refresh token(s) under key {}; deleted {} \
+         expired cached token(s)",
         report.installations,
         report.cached_tokens,
+        report.refresh_tokens,
         settings.encryption_keys.primary_id(),
         report.expired_tokens_deleted
     );
-    if report.unreadable_installations.is_empty() && report.unreadable_tokens.is_empty() {
+    if report.unreadable_installations.is_empty()
+        && report.unreadable_tokens.is_empty()
+        && report.unreadable_refresh_tokens.is_empty()
+    {
         return Ok(());
     }
     let ids: Vec<String> = report.unreadable_installations.iter().map(ToString::to_string).collect();
+    let refresh: Vec<String> = report.unreadable_refresh_tokens.iter().map(ToString::to_string).collect();
     anyhow::bail!(
-        "could not decrypt, left untouched: installation(s) [{}], cached token(s) [{}]",
+        "could not decrypt, left untouched: installation(s) [{}], cached token(s) [{}], refresh token(s) of [{}]",
         ids.join(", "),
-        report.unreadable_tokens.join(", ")
+        report.unreadable_tokens.join(", "),
+        refresh.join(", ")
     )
 }
 
@@ -234,7 +241,10 @@ async fn key_status(settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     let usage = installation::key_usage(&pool).await?;
     let ring = &settings.encryption_keys;
-    println!("{:<34} {:<10} {:>14} {:>14}", "KEY ID", "IN RING", "INSTALLATIONS", "CACHED TOKENS");
+    println!(
+        "{:<34} {:<10} {:>14} {:>14} {:>15}",
+        "KEY ID", "IN RING", "INSTALLATIONS", "CACHED TOKENS", "REFRESH TOKENS"
+    );
     let mut ids: Vec<String> = ring.ids().iter().map(|id| id.as_str().to_owned()).collect();
     for (id, _, _) in &usage {
         if !ids.contains(id) {
@@ -250,7 +260,12 @@ async fn key_status(settings: &Settings) -> anyhow::Result<()> {
         } else {
             "MISSING"
         };
-        println!("{id:<34} {in_ring:<10} {:>14} {:>14}", count("installation"), count("token_cache"));
+        println!(
+            "{id:<34} {in_ring:<10} {:>14} {:>14} {:>15}",
+            count("installation"),
+            count("token_cache"),
+            count("refresh_token")
+        );
     }
     Ok(())
 }

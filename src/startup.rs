@@ -56,6 +56,7 @@ fn metrics_handle() -> PrometheusHandle {
 async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
     let stored: Vec<String> = sqlx::query_scalar(
         "select key_id from installation where key_id is not null
+         union select key_id from refresh_token
          union select key_id from token_cache where expires_at > now()",
     )
     .fetch_all(pool)

@@ -229,3 +229,29 @@ fn every_example_provider_file_loads() {
     assert!(trulioo.expiry_margin.as_secs() > 0);
     assert!(truphone.use_refresh_tokens && truphone.token_url.path().ends_with("/protocol/openid-connect/token"));
 }
+
+#[tokio::test]
+async fn rotation_reseals_delegated_refresh_tokens_and_they_still_refresh() {
+    let (app, admin, key) = app().await;
+    let refresh = format!("rt-{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let registered =
+        json!({"client_id": "cid-delegated", "client_secret": "csecret-delegated", "refresh_token": refresh});
+    assert_eq!(app.put_credentials(&admin, "acme", "user-1", &registered).await.status(), 201);
+    let next = format!("next:{}", tokenvault::crypto::generate_key());
+    let ring = tokenvault::crypto::KeyRing::parse(&format!("{next},{}", app.encryption_keys)).unwrap();
+    let report = tokenvault::rotation::rotate(&app.pool, &ring, 10).await.unwrap();
+    assert_eq!((report.installations, report.refresh_tokens), (1, 1));
+    let key_ids: Vec<String> =
+        sqlx::query_scalar("select key_id from refresh_token").fetch_all(&app.pool).await.unwrap();
+    assert_eq!(key_ids, ["next"]);
+
+    let rotated =
+        app.replica(&[("TOKENVAULT_ENCRYPTION_KEYS", &format!("{next},{}", app.encryption_keys))]).await.unwrap();
+    let response = app.token_at(&rotated.internal, &key, &ask("user-1")).await;
+    assert_eq!(response.status(), 200, "the re-sealed refresh token opens and is spent");
+    let form = app.upstream.calls.lock().unwrap()[0].clone();
+    assert_eq!(
+        (form["grant_type"].as_str(), form["refresh_token"].as_str()),
+        ("refresh_token", refresh.as_str())
+    );
+}
