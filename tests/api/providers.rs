@@ -250,8 +250,5 @@ async fn rotation_reseals_delegated_refresh_tokens_and_they_still_refresh() {
     let response = app.token_at(&rotated.internal, &key, &ask("user-1")).await;
     assert_eq!(response.status(), 200, "the re-sealed refresh token opens and is spent");
     let form = app.upstream.calls.lock().unwrap()[0].clone();
-    assert_eq!(
-        (form["grant_type"].as_str(), form["refresh_token"].as_str()),
-        ("refresh_token", refresh.as_str())
-    );
+    assert_eq!((form["grant_type"].as_str(), form["refresh_token"].as_str()), ("refresh_token", refresh.as_str()));
 }
