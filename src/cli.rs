@@ -1,7 +1,9 @@
-//! The command line: `serve`, `migrate`, `keys`, `clients`, `installations`, `identity`.
+//! The command line: `serve`, `migrate`, `keys`, `clients`, `installations`, `credentials`, `providers`,
+//! `identity`, `healthcheck`, `sandbox`.
 //! Exit codes: 0 ok, 2 usage error (clap), 1 any other failure with a one-line message naming the cause.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -56,6 +58,53 @@ pub enum Command {
     /// What the callbacks' identity tokens carry.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Exit 0 when the public listener (or with --internal the internal one) answers /readyz with 200,
+    /// else 1: a container health check for images without curl. Needs only the listener addresses.
+    Healthcheck {
+        /// Ask the internal listener instead of the public one.
+        #[arg(long)]
+        internal: bool,
+    },
+    /// A local stand-in for Trackunit (JWKS, /apptoken, signed install callbacks), for demos and
+    /// development. Needs no settings. With no subcommand, serves it.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    #[command(subcommand)]
+    pub action: Option<SandboxAction>,
+    /// Where to serve the sandbox.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: std::net::SocketAddr,
+    /// How long the access tokens it mints live.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub token_lifetime_secs: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxAction {
+    /// Ask the running sandbox to send tokenvault a correctly signed INSTALLED callback with fresh
+    /// credentials that its /apptoken accepts.
+    Install(SandboxTarget),
+    /// Ask the running sandbox to send tokenvault a signed UNINSTALLED callback.
+    Uninstall(SandboxTarget),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxTarget {
+    /// tokenvault's public base URL (the callback goes to URL/callbacks/trackunit).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The irisAppId.
+    #[arg(long, default_value = "@sandbox/demo-app")]
+    pub app: String,
+    /// The account id.
+    #[arg(long)]
+    pub account: String,
+    /// The running sandbox.
+    #[arg(long, default_value = "http://127.0.0.1:8090")]
+    pub sandbox: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,19 +226,42 @@ pub enum IdentityCommand {
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Keys(KeysCommand::Generate { id }) = &cli.command {
-        return generate(id.as_deref());
+    // Each command loads only the settings it needs.
+    match &cli.command {
+        Command::Keys(KeysCommand::Generate { id }) => return generate(id.as_deref()),
+        Command::Sandbox(args) => {
+            let source = Source::environment(cli.config.as_deref())?;
+            telemetry::init(crate::settings::log_format(&source)?);
+            return match &args.action {
+                None => crate::sandbox::serve(args.listen, Duration::from_secs(args.token_lifetime_secs)).await,
+                Some(SandboxAction::Install(to)) => {
+                    crate::sandbox::send(&to.sandbox, "install", &to.url, &to.app, &to.account).await
+                }
+                Some(SandboxAction::Uninstall(to)) => {
+                    crate::sandbox::send(&to.sandbox, "uninstall", &to.url, &to.app, &to.account).await
+                }
+            };
+        }
+        Command::Healthcheck { internal } => {
+            let source = Source::environment(cli.config.as_deref())?;
+            let (public, internal_addr) = crate::settings::listener_addresses(&source)?;
+            return healthcheck(if *internal { internal_addr } else { public }).await;
+        }
+        Command::Migrate => {
+            let source = Source::environment(cli.config.as_deref())?;
+            telemetry::init(crate::settings::log_format(&source)?);
+            let pool = store::pool(&crate::settings::database_url(&source)?, 2)?;
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+            return Ok(());
+        }
+        _ => {}
     }
     let settings = Settings::load(&Source::environment(cli.config.as_deref())?)?;
     telemetry::init(settings.log_format);
     match cli.command {
         Command::Serve => Application::build(settings).await?.run_until_stopped().await,
-        Command::Migrate => {
-            let pool = store::pool(&settings.database_url, 2)?;
-            store::migrate(&pool).await?;
-            println!("migrations applied");
-            Ok(())
-        }
+        Command::Migrate | Command::Sandbox(_) | Command::Healthcheck { .. } => unreachable!("handled above"),
         Command::Clients(command) => clients(command, &settings).await,
         Command::Installations(InstallationsCommand::List { provider }) => {
             list_installations(&settings, provider.as_deref()).await
@@ -207,6 +279,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Status) => key_status(&settings).await,
         Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
     }
+}
+
+/// Exit status of `healthcheck`: the listener at `address` answers `/readyz` with 200.
+async fn healthcheck(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    let host = if address.ip().is_unspecified() {
+        if address.is_ipv4() { "127.0.0.1".to_owned() } else { "[::1]".to_owned() }
+    } else if address.is_ipv6() {
+        format!("[{}]", address.ip())
+    } else {
+        address.ip().to_string()
+    };
+    let url = format!("http://{host}:{}/readyz", address.port());
+    let response = crate::outbound::client(Duration::from_secs(3))
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("{url} does not answer"))?;
+    anyhow::ensure!(response.status().is_success(), "{url} answered {}", response.status());
+    Ok(())
 }
 
 async fn rotate(settings: &Settings, batch_size: i64) -> anyhow::Result<()> {

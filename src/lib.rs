@@ -21,6 +21,7 @@ pub mod rate_limit;
 pub mod readiness;
 pub mod rotation;
 pub mod routes;
+pub mod sandbox;
 pub mod settings;
 pub mod startup;
 pub mod store;

@@ -90,6 +90,8 @@ pub const KNOWN_SETTINGS: &[&str] = &[
     "TOKENVAULT_LISTENER_HEARTBEAT_SECS",
     "TOKENVAULT_LOG_FORMAT",
     "TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS",
+    "TOKENVAULT_SHUTDOWN_GRACE_SECS",
+    "TOKENVAULT_AUDIT_RETENTION_DAYS",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +161,8 @@ pub struct Settings {
     pub rejected_probe_schedule: Vec<Duration>,
     /// How often the change listener proves its connection alive with a NOTIFY round trip.
     pub listener_heartbeat: Duration,
+    /// How long in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 impl fmt::Debug for Settings {
@@ -180,6 +184,7 @@ impl fmt::Debug for Settings {
             .field("internal_max_connections", &self.internal_max_connections)
             .field("rejected_probe_schedule", &self.rejected_probe_schedule)
             .field("listener_heartbeat", &self.listener_heartbeat)
+            .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
 }
@@ -370,6 +375,31 @@ fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
     raw.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// TOKENVAULT_LOG_FORMAT: `json`, `pretty`, or by default pretty on a terminal and JSON otherwise.
+pub fn log_format(source: &Source) -> Result<LogFormat, SettingsError> {
+    use std::io::IsTerminal;
+    match source.get("TOKENVAULT_LOG_FORMAT")?.as_deref().map(str::trim) {
+        None if std::io::stderr().is_terminal() => Ok(LogFormat::Pretty),
+        None | Some("json") => Ok(LogFormat::Json),
+        Some("pretty") => Ok(LogFormat::Pretty),
+        Some(other) => Err(invalid("TOKENVAULT_LOG_FORMAT", format!("{other:?} is not json or pretty"))),
+    }
+}
+
+/// DATABASE_URL alone, for the commands that need nothing else (`migrate`).
+pub fn database_url(source: &Source) -> Result<SecretString, SettingsError> {
+    source.check_file_keys()?;
+    Ok(SecretString::from(source.required("DATABASE_URL")?))
+}
+
+/// The two listeners' addresses alone, for `healthcheck`.
+pub fn listener_addresses(source: &Source) -> Result<(SocketAddr, SocketAddr), SettingsError> {
+    Ok((
+        source.parsed("TOKENVAULT_PUBLIC_ADDR", SocketAddr::from(([0, 0, 0, 0], 8080)))?,
+        source.parsed("TOKENVAULT_INTERNAL_ADDR", SocketAddr::from(([127, 0, 0, 1], 8081)))?,
+    ))
+}
+
 impl Settings {
     pub fn load(source: &Source) -> Result<Self, SettingsError> {
         source.check_file_keys()?;
@@ -410,13 +440,7 @@ impl Settings {
             .map(|raw| comma_list(&raw).map(str::to_owned).collect::<HashSet<_>>())
             .filter(|apps| !apps.is_empty());
 
-        let log_format = match source.get("TOKENVAULT_LOG_FORMAT")?.as_deref().map(str::trim) {
-            None | Some("json") => LogFormat::Json,
-            Some("pretty") => LogFormat::Pretty,
-            Some(other) => {
-                return Err(invalid("TOKENVAULT_LOG_FORMAT", format!("{other:?} is not json or pretty")));
-            }
-        };
+        let log_format = log_format(source)?;
 
         let max_attempts: u32 = source.parsed("TOKENVAULT_UPSTREAM_MAX_ATTEMPTS", 3)?;
         if !(1..=10).contains(&max_attempts) {
@@ -500,6 +524,7 @@ impl Settings {
             internal_max_connections: listener_limit("TOKENVAULT_INTERNAL_MAX_CONNECTIONS", 4096)?,
             rejected_probe_schedule,
             listener_heartbeat: source.seconds("TOKENVAULT_LISTENER_HEARTBEAT_SECS", 10, 1..=3600)?,
+            shutdown_grace: source.seconds("TOKENVAULT_SHUTDOWN_GRACE_SECS", 30, 0..=3600)?,
         })
     }
 }

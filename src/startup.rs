@@ -24,11 +24,11 @@ use crate::store;
 
 /// How long a client may take to send its request headers (slow-loris defence).
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long in-flight requests get to finish after a stop signal.
-const SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
 pub struct Application {
     in_flight: InFlight,
+    /// How long in-flight requests get to finish after a stop signal (TOKENVAULT_SHUTDOWN_GRACE_SECS).
+    shutdown_grace: Duration,
     public_port: u16,
     internal_port: u16,
     public: Server,
@@ -225,7 +225,7 @@ impl Application {
         .workers(workers)
         .max_connections(per_worker(settings.public_max_connections))
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+        .shutdown_timeout(settings.shutdown_grace.as_secs())
         // Signals are handled in `run_until_stopped`, for both servers together.
         .disable_signals()
         .listen(public_listener)?
@@ -241,13 +241,14 @@ impl Application {
         .workers(workers)
         .max_connections(per_worker(settings.internal_max_connections))
         .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-        .shutdown_timeout(SHUTDOWN_TIMEOUT_SECS)
+        .shutdown_timeout(settings.shutdown_grace.as_secs())
         .disable_signals()
         .listen(internal_listener)?
         .run();
 
         tracing::info!(public.port = public_port, internal.port = internal_port, "tokenvault listening");
-        Ok(Self { in_flight, public_port, internal_port, public, internal, pool, background })
+        let shutdown_grace = settings.shutdown_grace;
+        Ok(Self { in_flight, shutdown_grace, public_port, internal_port, public, internal, pool, background })
     }
 
     pub fn public_port(&self) -> u16 {
@@ -264,7 +265,7 @@ impl Application {
     }
 
     /// Serves until SIGINT or SIGTERM (or a [`server_handles`](Self::server_handles) stop), then stops
-    /// both servers gracefully: no new connections, in-flight requests finish (up to 30 s).
+    /// both servers gracefully: no new connections, in-flight requests finish (up to TOKENVAULT_SHUTDOWN_GRACE_SECS).
     ///
     /// Both servers are always awaited to the end: with `try_join!`, an error from one (a worker that
     /// panicked while shutting down) would drop the other mid-request.
@@ -280,7 +281,7 @@ impl Application {
                 // keep polling them while we wait for the requests in flight to finish.
                 let _pausing = (public.pause(), internal.pause());
                 let drain = async {
-                    let drained = tokio::time::timeout(Duration::from_secs(SHUTDOWN_TIMEOUT_SECS), self.in_flight.drained());
+                    let drained = tokio::time::timeout(self.shutdown_grace, self.in_flight.drained());
                     if drained.await.is_err() {
                         tracing::warn!(requests = self.in_flight.count(), "requests still in flight after the shutdown timeout");
                     }

@@ -798,3 +798,85 @@ async fn credentials_put_list_delete_and_providers_list_read_secrets_from_files_
     assert_eq!(again.status.code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_demo_fetches_a_token_from_the_sandbox_with_curl_in_under_a_minute() {
+    let app = spawn_app().await;
+    let started = std::time::Instant::now();
+    let mut demo = Command::new(format!("{}/scripts/demo.sh", env!("CARGO_MANIFEST_DIR")));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOKENVAULT_") {
+            demo.env_remove(name);
+        }
+    }
+    let output = tokio::task::spawn_blocking(move || {
+        demo.arg(env!("CARGO_BIN_EXE_tokenvault"))
+            .env("DATABASE_URL", &app.database_url)
+            .env("TOKENVAULT_ENCRYPTION_KEYS", &app.encryption_keys)
+            .env("DEMO_EXIT", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", text(&output.stderr));
+    for step in ["== 1.", "== 4.", "== 6.", "\"access_token\"", "\"token_type\":\"Bearer\"", "Repeat it"] {
+        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_for_a_ready_listener_and_1_otherwise() {
+    let app = spawn_app().await;
+    let (_served, public, internal) = serve(&app).await;
+    let check = |addr: String, internal: bool| {
+        let mut command = tokenvault();
+        command.arg("healthcheck").env("TOKENVAULT_PUBLIC_ADDR", &addr).env("TOKENVAULT_INTERNAL_ADDR", &addr);
+        if internal {
+            command.arg("--internal");
+        }
+        run(&mut command).status.code()
+    };
+    assert_eq!(check(format!("127.0.0.1:{public}"), false), Some(0), "needs no database or key settings");
+    assert_eq!(check(format!("127.0.0.1:{internal}"), true), Some(0));
+    assert_eq!(check(format!("127.0.0.1:{}", free_port()), false), Some(1));
+}
+
+#[tokio::test]
+async fn migrate_needs_no_encryption_key() {
+    let app = spawn_app().await;
+    let output = run(tokenvault().arg("migrate").env("DATABASE_URL", &app.database_url));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
+
+#[tokio::test]
+async fn the_sandbox_refuses_unknown_clients_and_fails_on_demand() {
+    let port = free_port();
+    let mut sandbox = Served(
+        tokenvault().args(["sandbox", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).spawn().unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let up =
+        eventually(|| http.get(format!("{base}/jwks")).send(), |r| r.as_ref().is_ok_and(|r| r.status() == 200)).await;
+    let jwks: serde_json::Value = up.unwrap().json().await.unwrap();
+    assert_eq!(jwks["keys"][0]["kty"], "OKP", "its own freshly generated signing key");
+    let token = |form: &'static [(&'static str, &'static str)]| http.post(format!("{base}/apptoken")).form(form).send();
+    let refused =
+        token(&[("grant_type", "client_credentials"), ("client_id", "x"), ("client_secret", "y")]).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.json::<serde_json::Value>().await.unwrap()["error"], "invalid_client");
+    for (mode, status) in
+        [(json!({"mode": "server_error"}), 503), (json!({"mode": "rate_limited", "retry_after_secs": 7}), 429)]
+    {
+        http.post(format!("{base}/sandbox/mode")).json(&mode).send().await.unwrap();
+        let answer = token(&[("grant_type", "client_credentials")]).await.unwrap();
+        assert_eq!(answer.status(), status, "{mode}");
+        if status == 429 {
+            assert_eq!(answer.headers()["retry-after"], "7");
+        }
+    }
+    let _ = sandbox.0.kill();
+}
