@@ -35,7 +35,7 @@ pub enum ApiError {
     UnknownProvider,
     #[error("trackunit's credentials arrive by its callback; they cannot be registered here")]
     CredentialsFromCallback,
-    #[error("no active installation for this account and app")]
+    #[error("no active installation (credentials) for this account, app and provider")]
     NotInstalled,
     #[error("installation not found")]
     InstallationNotFound,
@@ -111,13 +111,18 @@ impl ApiError {
     /// too, so they show exactly what is sent.
     pub(crate) fn problem(&self) -> serde_json::Value {
         let status = self.status_code();
-        serde_json::json!({
+        let mut problem = serde_json::json!({
             "type": format!("urn:tokenvault:problem:{}", self.code()),
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
             "detail": self.to_string(),
             "code": self.code(),
-        })
+        });
+        // Which request this was, as its logs say (RFC 9457 `instance`); known while answering one.
+        if let Some(id) = crate::routes::observe::current_request_id() {
+            problem["instance"] = serde_json::json!(format!("urn:tokenvault:request:{}", id.0));
+        }
+        problem
     }
 
     /// Maps a database error: an unreachable database is a 503 the caller should retry; anything else is ours.

@@ -275,6 +275,7 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<String>> {
     };
     installation::erase(&mut tx, id, Status::Revoked, Some(Utc::now())).await?;
     token_cache::delete_for_installation(&mut tx, id).await?;
+    crate::store::refresh_token::delete(&mut tx, id).await?;
     mint_failure::delete_for_installation(&mut tx, id).await?;
     let event = CallbackEvent {
         event_type: "ADMIN_REVOKED",

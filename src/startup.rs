@@ -3,13 +3,12 @@
 //! in-flight requests finish first.
 
 use std::net::TcpListener;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
 
@@ -37,20 +36,6 @@ pub struct Application {
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
-fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            // Fails only if another recorder is installed (a test harness); metrics then go there.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
-
 /// Refuses to start when a stored ciphertext names a key id the key ring lacks: better than failing at
 /// the first request for that account.
 async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
@@ -73,14 +58,20 @@ async fn check_key_ids(pool: &PgPool, settings: &Settings) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Request spans at DEBUG for the internal listener, whose token path is the hot path: at INFO, building a
-/// span with a dozen fields per request costs as much as serving a cached token. The public listener keeps
-/// INFO spans (callbacks are rare and worth tracing).
-struct DebugRootSpan;
+/// The request id `routes::observe` gave a request, for its span.
+fn request_id_of(request: &actix_web::dev::ServiceRequest) -> String {
+    use actix_web::HttpMessage;
+    request.extensions().get::<routes::observe::RequestId>().map(|id| id.0.to_string()).unwrap_or_default()
+}
 
-impl RootSpanBuilder for DebugRootSpan {
+/// Request spans at INFO, named by our request id (the caller's `X-Request-Id` or trace id, else new).
+/// The public listener's callbacks are rare and worth tracing.
+struct InfoRootSpan;
+
+impl RootSpanBuilder for InfoRootSpan {
     fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
-        tracing_actix_web::root_span!(level = tracing::Level::DEBUG, request)
+        let id = request_id_of(request);
+        tracing_actix_web::root_span!(request, request.id = %id)
     }
 
     fn on_request_end<B: actix_web::body::MessageBody>(
@@ -91,30 +82,41 @@ impl RootSpanBuilder for DebugRootSpan {
     }
 }
 
-/// Middleware that counts each request in `in_flight` until its response is ready.
-fn counted<S, B>(
-    in_flight: InFlight,
-) -> impl actix_web::dev::Transform<
-    S,
-    actix_web::dev::ServiceRequest,
-    Response = actix_web::dev::ServiceResponse<actix_web::body::BoxBody>,
-    Error = actix_web::Error,
-    InitError = (),
->
-where
-    S: actix_web::dev::Service<
-            actix_web::dev::ServiceRequest,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        > + 'static,
-    B: actix_web::body::MessageBody + 'static,
-{
-    actix_web::middleware::from_fn(move |request, next: actix_web::middleware::Next<B>| {
-        let guard = in_flight.enter();
-        async move {
-            let response = next.call(request).await;
-            drop(guard);
-            response.map(actix_web::dev::ServiceResponse::map_into_boxed_body)
+/// Request spans at DEBUG for the internal listener, whose token path is the hot path: at INFO, building a
+/// span with a dozen fields per request costs as much as serving a cached token.
+struct DebugRootSpan;
+
+impl RootSpanBuilder for DebugRootSpan {
+    fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return tracing::Span::none();
+        }
+        let id = request_id_of(request);
+        tracing_actix_web::root_span!(level = tracing::Level::DEBUG, request, request.id = %id)
+    }
+
+    fn on_request_end<B: actix_web::body::MessageBody>(
+        span: tracing::Span,
+        outcome: &Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>,
+    ) {
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+/// Keeps `tokenvault_installations{status}` current (a count query every 30 s, off every request's path).
+fn spawn_installation_gauges(pool: PgPool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match store::installation::count_by_status(&pool).await {
+                Ok(counts) => {
+                    for status in ["active", "uninstalled", "revoked", "rejected"] {
+                        let count = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+                        metrics::gauge!("tokenvault_installations", "status" => status).set(count as f64);
+                    }
+                }
+                Err(error) => tracing::debug!(error = %error, "counting installations failed; will retry"),
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
         }
     })
 }
@@ -186,6 +188,7 @@ impl Application {
                 }
             }),
             Arc::clone(&broker).spawn_prober(),
+            spawn_installation_gauges(pool.clone()),
         ];
 
         let state = web::Data::new(AppState {
@@ -198,7 +201,7 @@ impl Application {
             providers: Arc::new(settings.providers.clone()),
             directory,
             apps: settings.apps.clone(),
-            metrics: metrics_handle(),
+            metrics: crate::telemetry::metrics_handle(),
             openapi: routes::openapi::document_json().context("cannot serialize the OpenAPI document")?,
             runtime: tokio::runtime::Handle::current(),
         });
@@ -217,8 +220,9 @@ impl Application {
         let (public_state, public_in_flight) = (state.clone(), in_flight.clone());
         let public = HttpServer::new(move || {
             App::new()
-                .wrap(TracingLogger::default())
-                .wrap(counted(public_in_flight.clone()))
+                .wrap(TracingLogger::<InfoRootSpan>::new())
+                .wrap(routes::observe::middleware(routes::observe::Listener::Public, public_in_flight.clone()))
+                .app_data(web::Data::new(routes::observe::Listener::Public))
                 .app_data(public_state.clone())
                 .configure(routes::public)
         })
@@ -234,7 +238,8 @@ impl Application {
         let internal = HttpServer::new(move || {
             App::new()
                 .wrap(TracingLogger::<DebugRootSpan>::new())
-                .wrap(counted(internal_in_flight.clone()))
+                .wrap(routes::observe::middleware(routes::observe::Listener::Internal, internal_in_flight.clone()))
+                .app_data(web::Data::new(routes::observe::Listener::Internal))
                 .app_data(state.clone())
                 .configure(routes::internal)
         })

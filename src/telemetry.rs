@@ -11,7 +11,79 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        // The span list too: a request's root span (its `request.id`) is seldom the current one.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).try_init(),
         LogFormat::Pretty => builder.pretty().try_init(),
     };
+}
+
+/// Bucket bounds (seconds) of every histogram: from half a millisecond (a cached token) to ten seconds
+/// (an upstream call at its timeout).
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder), with real
+/// histograms (buckets, not summaries) and a HELP text for every series.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (a test harness); metrics then go there.
+            let _ = metrics::set_global_recorder(recorder);
+            describe_metrics();
+            metrics::gauge!("tokenvault_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// The HELP text of every series (keep README's metrics table in step).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("tokenvault_callbacks_total", "Callbacks received, by outcome or problem code.");
+    describe_counter!("tokenvault_token_requests_total", "Token requests, by outcome (ok or a problem code).");
+    describe_counter!(
+        "tokenvault_token_cache_total",
+        "Tokens served from memory, read from the shared table, or minted."
+    );
+    describe_counter!("tokenvault_token_refresh_ahead_total", "Background renewals started.");
+    describe_counter!(
+        "tokenvault_token_waits_total",
+        "Token requests that waited: for the shared table, their own mint, or queued behind another."
+    );
+    describe_counter!("tokenvault_token_served_degraded_total", "Still-valid tokens served because a mint failed.");
+    describe_counter!("tokenvault_token_scope_exceeded_total", "Tokens withheld: granted scopes beyond the key's.");
+    describe_counter!(
+        "tokenvault_invalidation_listener_lost_total",
+        "Times the change listener was lost and replaced."
+    );
+    describe_counter!("tokenvault_upstream_requests_total", "Calls to token endpoints, by HTTP status or failure.");
+    describe_histogram!(
+        "tokenvault_upstream_duration_seconds",
+        metrics::Unit::Seconds,
+        "Duration of each call to a token endpoint."
+    );
+    describe_histogram!(
+        "tokenvault_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Duration of each HTTP request, by listener, route and status class."
+    );
+    describe_counter!("tokenvault_jwks_refresh_total", "Fetches of Trackunit's JWKS, by result.");
+    describe_counter!("tokenvault_rejection_probes_total", "Probes of rejected installations, by outcome.");
+    describe_counter!(
+        "tokenvault_installations_reactivated_total",
+        "Rejected installations made active again, by whom."
+    );
+    describe_counter!(
+        "tokenvault_log_lines_suppressed_total",
+        "Log lines not written because of a rate limit, by event."
+    );
+    describe_gauge!("tokenvault_build_info", "1, labelled with the running version.");
+    describe_gauge!("tokenvault_tokens_in_memory", "Access tokens this replica holds in memory.");
+    describe_gauge!("tokenvault_installations", "Installations by status (every replica reports the same count).");
+    describe_gauge!("tokenvault_database_connections", "Pooled database connections of this replica, in use or idle.");
 }

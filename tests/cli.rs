@@ -880,3 +880,26 @@ async fn the_sandbox_refuses_unknown_clients_and_fails_on_demand() {
     }
     let _ = sandbox.0.kill();
 }
+
+#[tokio::test]
+async fn metrics_are_real_histograms_with_help_texts_build_info_and_gauges() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    let (_served, _, internal) = serve(&app).await;
+    let base = format!("http://127.0.0.1:{internal}");
+    for _ in 0..3 {
+        assert_eq!(app.token_at(&base, &key, &json!({"account_id": "acc-1", "scopes": ["a"]})).await.status(), 200);
+    }
+    let text = app.http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let bucket = "tokenvault_http_request_duration_seconds_bucket{listener=\"internal\",route=\"/v1/tokens\",status_class=\"2xx\",le=\"+Inf\"} 3";
+    assert!(text.contains(bucket), "a histogram with buckets, not a summary:\n{text}");
+    assert!(text.contains("tokenvault_upstream_duration_seconds_bucket"), "{text}");
+    assert!(text.contains(&format!("tokenvault_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(text.contains("tokenvault_tokens_in_memory 1"), "{text}");
+    assert!(text.contains("tokenvault_database_connections{state=\"in_use\"}"), "{text}");
+    for line in text.lines().filter(|line| line.starts_with("# TYPE")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
+    }
+}

@@ -76,7 +76,8 @@ fn failure_row(failures: u32, wait: Duration, error: &UpstreamError) -> MintFail
 /// The refresh token a mint may present: the delegated credentials' own (locked), or the one that came
 /// with the key's last token (in its shared-table row, if any).
 enum Held {
-    Delegated(RefreshTokenRow),
+    /// The stored row (locked) and the token it holds.
+    Delegated(RefreshTokenRow, SecretString),
     WithToken(Option<CachedTokenRow>),
 }
 
@@ -198,20 +199,29 @@ impl super::Broker {
             false => None,
         };
         let held = match delegated {
-            Some(stored) => Held::Delegated(stored),
+            Some(stored) => {
+                let aad = Aad::refresh_token(&installation.credential_row(), stored.generation);
+                let refresh = self.keys.open_string(&stored.key_id, &stored.ciphertext, &aad).map_err(|error| {
+                    tracing::error!(error = %error, "the stored refresh token does not decrypt");
+                    BrokerError::CredentialsUnreadable(installation.id)
+                })?;
+                Held::Delegated(stored, refresh)
+            }
             None => Held::WithToken(cached),
         };
         let minted = self.call(&provider, installation, key, scopes, &credentials, held).await;
         let (minted, new_refresh) = match minted {
             Ok(minted) => minted,
             Err(UpstreamError::InvalidClient) => {
+                // Probed again with client credentials; delegated credentials only come back with new ones.
                 let first_probe = self.probe_schedule.first().copied().unwrap_or(Duration::from_secs(60));
+                let probe = (!installation.is_delegated()).then_some(first_probe);
                 installation::mark_rejected(
                     &mut tx,
                     installation.id,
                     installation.credentials_version,
                     &key.scope_key,
-                    Some(first_probe),
+                    probe,
                 )
                 .await?;
                 tx.commit().await?;
@@ -283,13 +293,8 @@ impl super::Broker {
     ) -> Result<(MintedToken, NewRefresh), UpstreamError> {
         let cached = match held {
             Held::WithToken(cached) => cached,
-            Held::Delegated(stored) => {
+            Held::Delegated(stored, refresh) => {
                 let row = installation.credential_row();
-                let aad = Aad::refresh_token(&row, stored.generation);
-                let refresh = self.keys.open_string(&stored.key_id, &stored.ciphertext, &aad).map_err(|error| {
-                    tracing::error!(error = %error, "the stored refresh token does not decrypt");
-                    UpstreamError::Failed { attempts: 0, reason: "the stored refresh token cannot be read".into() }
-                })?;
                 return self.refresh_delegated(provider, credentials, scopes, &row, stored, &refresh).await;
             }
         };

@@ -518,6 +518,13 @@ impl Broker {
         Some(token)
     }
 
+    /// How many tokens this replica holds in memory (`tokenvault_tokens_in_memory`, readiness).
+    pub fn tokens_in_memory(&self) -> u64 {
+        // moka counts lazily: settle its pending bookkeeping first (never on a request's path).
+        self.memory.run_pending_tasks();
+        self.memory.entry_count()
+    }
+
     /// Drops every in-memory token of an installation (its credentials changed or were erased), and what
     /// this replica remembers of its failed mints (it may have been reactivated).
     pub fn forget(&self, installation_id: Uuid) {

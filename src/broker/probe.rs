@@ -59,7 +59,11 @@ impl Broker {
     #[tracing::instrument(skip_all, fields(installation.id = %due.installation.id))]
     async fn probe(&self, due: DueProbe) -> sqlx::Result<()> {
         let installation = &due.installation;
-        let scopes = due.probe_scope_key.as_deref().and_then(|key| ScopeSet::parse(key.split(' ')).ok());
+        let scopes = due.probe_scope_key.as_deref().and_then(|key| match key {
+            // A provider asked for no scope (send_scope = false).
+            "" => Some(ScopeSet::empty()),
+            key => ScopeSet::parse(key.split(' ')).ok(),
+        });
         let outcome = match (&scopes, self.open_credentials(installation), self.provider_of(installation)) {
             (Some(scopes), Ok(credentials), Ok(provider)) => {
                 let provider = Arc::clone(provider);

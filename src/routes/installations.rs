@@ -41,10 +41,12 @@ pub struct ListQuery {
 pub async fn list(request: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let digest = auth::presented_key(&request)?;
     let query = web::Query::<ListQuery>::from_query(request.query_string())
-        .map_err(|_| ApiError::InvalidRequest("the query may hold only `provider`".into()))?;
-    let (task_state, provider) = (state.clone(), query.into_inner().provider);
+        .map(|query| query.into_inner().provider)
+        .map_err(|_| ApiError::InvalidRequest("the query may hold only `provider`".into()));
+    let task_state = state.clone();
     let installations = super::offload(&state, async move {
         auth::authenticate_admin(&digest, &task_state).await?;
+        let provider = query?;
         Ok(installation::list(&task_state.pool, provider.as_deref()).await?)
     })
     .await?;

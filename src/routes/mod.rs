@@ -6,6 +6,7 @@ mod body;
 mod callbacks;
 mod health;
 mod installations;
+pub mod observe;
 pub(crate) mod openapi;
 mod providers;
 mod repeat;

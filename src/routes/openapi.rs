@@ -102,7 +102,7 @@ impl Modify for ServiceKeyScheme {
 }
 
 /// An error answer: RFC 9457 problem details, sent as `application/problem+json` with
-/// `Cache-Control: no-store`. These five fields, always, and no others.
+/// `Cache-Control: no-store`. These five fields always, `instance` when answering a request, and no others.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "a documentation type: described, never built")]
 pub struct Problem {
@@ -121,6 +121,11 @@ pub struct Problem {
     /// Stable and machine-readable: branch on this. Each operation lists the codes it can answer.
     #[schema(example = "not_installed")]
     code: String,
+    /// The request, as its log lines name it: `urn:tokenvault:request:<id>`, the id being the caller's
+    /// `X-Request-Id` (or W3C `traceparent` trace id), else one tokenvault made; the answer's
+    /// `X-Request-Id` header carries it too.
+    #[schema(format = "uri", example = "urn:tokenvault:request:4bf92f3577b34da6a3ce929d0e0e4736")]
+    instance: Option<String>,
 }
 
 /// A request for an access token for one account at one provider.
@@ -157,7 +162,7 @@ pub struct Scope(String);
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "a documentation type: described, never built")]
 pub struct TokenAnswer {
-    /// The token, as Trackunit's token endpoint issued it.
+    /// The token, as the provider's token endpoint issued it.
     access_token: String,
     /// As the token endpoint said, usually `Bearer`.
     token_type: String,
@@ -258,6 +263,8 @@ pub struct Readiness {
     database: bool,
     /// Trackunit's signing keys (JWKS) are loaded.
     jwks: bool,
+    /// Access tokens this replica holds in memory.
+    tokens_in_memory: u64,
 }
 
 /// The body Trackunit sends, by `type`: `INSTALLED`, `UNINSTALLED`, or any other type (recorded, nothing
@@ -359,9 +366,11 @@ impl IntoResponses for TokenProblems {
             ),
             (
                 ApiError::Forbidden("this key is not granted this account".into()),
-                "The key is not granted this account or a requested scope.",
+                "The key is not granted this provider, account, app or a requested scope; or the token endpoint \
+                 granted scopes beyond the request that the key is not granted.",
             ),
-            (ApiError::NotInstalled, "No usable installation for this account (and app)."),
+            (ApiError::UnknownProvider, "No provider of this name is configured."),
+            (ApiError::NotInstalled, "No usable installation for this account (and app) at this provider."),
             (ApiError::AmbiguousApp, "The account has several usable installations: set `app_id`."),
             (ApiError::InvalidScope, "The token endpoint answered `invalid_scope`."),
             (
@@ -564,11 +573,21 @@ mod tests {
         let mut required: Vec<&str> =
             schema["required"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
         required.sort_unstable();
+        // Outside a request: the five required fields.
         let sent = ApiError::NotInstalled.problem();
         let mut sent: Vec<&str> = sent.as_object().unwrap().keys().map(String::as_str).collect();
         sent.sort_unstable();
-        assert_eq!(documented, sent);
         assert_eq!(required, sent);
+        // While answering one: `instance` too.
+        let id = crate::routes::observe::RequestId(std::sync::Arc::from("r-1"));
+        let answered = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(crate::routes::observe::within_request(id, async { ApiError::NotInstalled.problem() }));
+        assert_eq!(answered["instance"], "urn:tokenvault:request:r-1");
+        let mut answered: Vec<&str> = answered.as_object().unwrap().keys().map(String::as_str).collect();
+        answered.sort_unstable();
+        assert_eq!(documented, answered);
     }
 
     #[test]

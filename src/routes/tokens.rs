@@ -47,12 +47,14 @@ impl TokenRequest {
     operation_id = "issueToken",
     tag = "internal",
     security(("service_key" = [])),
-    summary = "An access token for an account",
+    summary = "An access token for an account at a provider",
     description = "Hands out a token from memory, else from the shared database cache, else freshly minted by \
-                   Trackunit's token endpoint. Checks, in this order: the service key (401), the body (415, 413, \
-                   400), the key's account and scope grants (403), the installation (404, 409), then the token \
-                   endpoint (422, 502, 503). After a transient failure, a token that has not expired may be \
-                   answered instead, with less than `min_ttl_seconds` left.",
+                   the provider's token endpoint (`trackunit` unless `provider` says). Checks, in this order: the \
+                   service key (401), the body (415, 413, 400), the key's provider, account, app and scope grants \
+                   (403), the provider (404 `unknown_provider`), the installation (404 `not_installed`, 409), \
+                   then the token endpoint (422, 502, 503). A token granted scopes beyond the request goes only \
+                   to keys granted all of them (403). After a transient failure, a token that has not expired may \
+                   be answered instead, with less than `min_ttl_seconds` left.",
     request_body(content = openapi::TokenRequest, content_type = "application/json",
                  example = json!({"account_id": "7b1c5e0a-acme", "scopes": ["asset.view"], "min_ttl_seconds": 120})),
     responses(
@@ -246,7 +248,7 @@ fn broker_error(error: BrokerError) -> ApiError {
             ApiError::UpstreamRejected("the credentials were refused (invalid_client or invalid_grant)".into())
         }
         BrokerError::Upstream(UpstreamError::InvalidGrant) => {
-            ApiError::UpstreamRejected("the refresh token was refused (invalid_grant)".into())
+            ApiError::UpstreamRejected("the grant was refused (invalid_grant)".into())
         }
         BrokerError::CredentialsUnreadable(_) => ApiError::CredentialsUnreadable,
         BrokerError::Upstream(UpstreamError::InvalidScope) => ApiError::InvalidScope,

@@ -346,6 +346,11 @@ pub async fn by_id(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Ins
         .await
 }
 
+/// How many installations have each status.
+pub async fn count_by_status(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("select status, count(*) from installation group by status").fetch_all(pool).await
+}
+
 pub async fn summary(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Summary>> {
     sqlx::query_as(&format!("select {SUMMARY_COLUMNS} from installation where id = $1"))
         .bind(id)

@@ -108,7 +108,7 @@ pub struct KeyedRow {
 pub async fn delete_expired(conn: &mut PgConnection) -> sqlx::Result<u64> {
     let deleted = sqlx::query(
         "delete from token_cache where expires_at < now()
-             and (refresh_token_ciphertext is null or (refresh_expires_at is not null and refresh_expires_at < now()))",
+             and (refresh_token_ciphertext is null or coalesce(refresh_expires_at, expires_at + interval '30 days') < now())",
     )
     .execute(conn)
     .await?;

@@ -7,6 +7,7 @@ mod conformance;
 mod hardening;
 mod helpers;
 mod identity;
+mod observe;
 mod openapi;
 mod providers;
 mod redteam;
