@@ -2,7 +2,7 @@
 # The tokenvault benchmark. Run it with `make bench` (scripts/with-env.sh sets DATABASE_URL to the private
 # test cluster and TOKENVAULT_ENCRYPTION_KEYS_FILE); see docs/PERFORMANCE.md for what it measures and why.
 #
-# Five parts, each on a fresh database on the DATABASE_URL server, with tokenvault and a fake Trackunit
+# Six parts, each on a fresh database on the DATABASE_URL server, with tokenvault and a fake Trackunit
 # (examples/fake_trackunit.rs) on loopback ports, load from wrk (installed with apt-get when missing):
 #   1. cached POST /v1/tokens vs GET /healthz on the same listener, 64 connections; tokenvault and wrk
 #      pinned to separate cores, tokenvault's core shielded from other tasks and wrk at real-time
@@ -14,12 +14,17 @@
 #   3. signed INSTALLED callbacks vs a bare upsert of the same row shape measured with pgbench
 #   4. resident memory with 100 000 installations and 100 000 cached tokens (then a second scope set)
 #   5. first-time mints per second against a slow (100 ms) upstream, with the default and a larger pool
+#   6. cached POST /v1/tokens of a provider defined in a settings file ([providers.bench], pointed at the
+#      same fake's token endpoint) vs Trackunit's, in one process, pinned as in part 1, in alternating
+#      rounds: its requests/s must be within 5 % of Trackunit's
 # Every figure is printed next to a baseline measured in the same run. All processes started here are
 # stopped on exit. Tunables (environment): BENCH_SECONDS (10), BENCH_P2_SECONDS (40), BENCH_COUNT (100000),
-# BENCH_PARTS ("1 2 3 4 5"), BENCH_P2_VARIANTS ("a b c": part 2's runs), BENCH_P1_ROUNDS (3: saturating rounds of part 1, medians reported), BENCH_KEEP_DATABASES (unset: the bench databases are dropped at the end),
+# BENCH_PARTS ("1 2 3 4 5 6"), BENCH_P2_VARIANTS ("a b c": part 2's runs), BENCH_P1_ROUNDS (3: saturating rounds of part 1, medians reported), BENCH_KEEP_DATABASES (unset: the bench databases are dropped at the end),
 # BENCH_SKIP_BUILD (set: measure the binaries already in target/release, e.g. to compare two builds),
 # BENCH_PERF (a directory: part 1 records `perf record` of tokenvault during its two saturating runs there),
 # BENCH_P1_PACES ("10 1": part 1's paced runs, the mean milliseconds each connection waits between requests),
+# BENCH_P6_ROUNDS (10) and BENCH_P6_SECONDS (5): part 6's rounds, each one run per provider, the order
+# swapped every round,
 # BENCH_KEEP_LOGS (a directory: the processes' logs are copied there at the end; with RUST_LOG, e.g.
 # RUST_LOG=info,tokenvault::broker=debug, they show when each refresh ahead started and landed).
 set -euo pipefail
@@ -37,9 +42,11 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-10}
 P1_ROUNDS=${BENCH_P1_ROUNDS:-3}
 P2_SECONDS=${BENCH_P2_SECONDS:-40}
 COUNT=${BENCH_COUNT:-100000}
-PARTS=${BENCH_PARTS:-1 2 3 4 5}
+PARTS=${BENCH_PARTS:-1 2 3 4 5 6}
 P2_VARIANTS=${BENCH_P2_VARIANTS:-a b c}
 P1_PACES=${BENCH_P1_PACES:-10 1}
+P6_ROUNDS=${BENCH_P6_ROUNDS:-10}
+P6_SECONDS=${BENCH_P6_SECONDS:-5}
 export LC_ALL=C
 export BENCH_WRK_DIR="$root/bench/wrk"
 # Production logs JSON lines at info; the Makefile's `pretty` is for humans at a terminal.
@@ -469,9 +476,10 @@ metric_sum() {
 
 bench_account() { printf '%08x-0000-4000-8000-%012d' "$1" "$2"; }
 
-# create_client: a service key for every account and scope, on the current database.
+# create_client [ARGS...]: a service key for every account and scope, on the current database; ARGS are
+# more options of `tokenvault clients create` (e.g. --provider '*': without it, Trackunit only).
 create_client() {
-  DATABASE_URL="$db" "$tv" clients create --name "bench-$RANDOM$RANDOM" --account '*' --scope '*' 2>"$work/client.log" | tail -n 1
+  DATABASE_URL="$db" "$tv" clients create --name "bench-$RANDOM$RANDOM" --account '*' --scope '*' "$@" 2>"$work/client.log" | tail -n 1
 }
 
 # install PUBLIC_PORT ACCOUNT: one INSTALLED callback, must answer 204.
@@ -1125,6 +1133,148 @@ part5() {
   forget_pid "$tv_pid"
   part5_run default 20 asset.view
   part5_run larger 41 fleet.read
+  stop_all
+}
+
+# --- part 6 ------------------------------------------------------------------------------------------------
+
+# part6_run NAME PROVIDER ACCOUNT: one saturating run of cached token requests (PROVIDER empty: the body
+# names none, as Trackunit's callers send it). Adds tokenvault's CPU time per request (cpu_us, from its
+# /proc stat, all threads) to the run's BENCH line, and prints one line for the run.
+part6_run() {
+  local j0 j1
+  j0=$(jiffies "$tv_pid")
+  BENCH_PROVIDER=$2 BENCH_KEY=$p6_key BENCH_ACCOUNT=$3 BENCH_SCOPE=asset.view \
+    run_wrk "$1" -t"$p6_threads" -c64 -d"${P6_SECONDS}s" -s "$BENCH_WRK_DIR/tokens_cached.lua" "http://127.0.0.1:$tv_int/v1/tokens" >/dev/null
+  j1=$(jiffies "$tv_pid")
+  sed -i "s/^BENCH .*/& cpu_us=$(calc "($j1 - $j0) / $clk * 1e6 / $(wrk_field "$1" requests)")/" "$work/$1.wrk"
+  note "$(printf '%-13s %7.0f req/s, p50 %s ms, p99 %s ms, tokenvault CPU %s us/request, errors %s' "${1#p6-}" \
+    "$(wrk_field "$1" rps)" "$(ms "$(wrk_field "$1" p50_us)")" "$(ms "$(wrk_field "$1" p99_us)")" "$(wrk_field "$1" cpu_us)" \
+    "$(($(wrk_field "$1" status_errors) + $(wrk_field "$1" socket_errors)))")"
+}
+
+part6() {
+  # The same conditions as part 1's saturating runs (tokenvault on its own shielded core, wrk -t1 on the
+  # other at real-time priority where allowed), and both providers served by one process with one key,
+  # so that the ratio is that of the two code paths alone.
+  local server_cpu=$((ncpu - 1)) pinned=1 pin_tv=() realtime="" where
+  ((ncpu >= 2)) && command -v taskset >/dev/null || pinned=0
+  p6_threads=2
+  if ((pinned)); then
+    pin_tv=(taskset -c "$server_cpu")
+    wrk_pin=(taskset -c 0)
+    if command -v chrt >/dev/null && chrt -f 10 true 2>/dev/null; then
+      wrk_pin=(chrt -f 10 taskset -c 0)
+      realtime=", real-time priority"
+    fi
+    p6_threads=1
+    where="one replica on CPU $server_cpu, wrk -t1 -c64 -d${P6_SECONDS}s on CPU 0$realtime"
+  else
+    where="one replica, wrk -t2 -c64 -d${P6_SECONDS}s (one core: not pinned)"
+  fi
+  header "Part 6: cached POST /v1/tokens, a provider of the settings file vs Trackunit, $where"
+  new_db p6
+  start_fake p6-fake --expires-in 3600
+  # A provider as an operator defines one: its table in the settings file, the defaults for everything but
+  # the token endpoint (client_secret_post, the RFC 6749 reply names), which is the fake's /apptoken.
+  cat >"$work/p6-providers.toml" <<TOML
+[providers.bench]
+token_url = "http://127.0.0.1:$fake_port/apptoken"
+TOML
+  start_tokenvault p6-tv "$db" TOKENVAULT_CONFIG="$work/p6-providers.toml" ${pin_tv[@]+"${pin_tv[@]}"}
+  if ((pinned)); then
+    if shield_core "$server_cpu" "$tv_pid"; then
+      note "CPU $server_cpu shielded: ${#shielded[@]} other tasks moved off it for the runs (their masks are restored after)"
+    else
+      note "CPU $server_cpu not shielded (needs root): other processes of the machine may take tokenvault's core"
+    fi
+  fi
+  local admin t_account p_account status
+  # One service key for both providers (keys default to Trackunit only); an admin key for the credentials.
+  p6_key=$(create_client --provider '*')
+  admin=$(DATABASE_URL="$db" "$tv" clients create --name "bench-admin-$RANDOM$RANDOM" --admin 2>"$work/client.log" | tail -n 1)
+  t_account=$(bench_account 6 0)
+  p_account=$(bench_account 6 1)
+  install "$tv_pub" "$t_account"
+  # The same credential shapes as the callback's (cid-ACCOUNT, csecret-ACCOUNT), through the admin API.
+  status=$(curl -s -o "$work/p6-put.body" -w '%{http_code}' -X PUT \
+    "http://127.0.0.1:$tv_int/v1/providers/bench/accounts/$p_account/credentials" \
+    -H "Authorization: Bearer $admin" -H 'Content-Type: application/json' \
+    -d "{\"client_id\":\"cid-$p_account\",\"client_secret\":\"csecret-$p_account\"}")
+  [ "$status" = 201 ] || { cat "$work/p6-put.body" >&2; die "PUT credentials of bench/$p_account answered $status"; }
+  # The answer lists one object per provider, members sorted by name: cut it at the providers' boundaries.
+  note "provider bench as loaded (GET /v1/providers): $(curl -sf "http://127.0.0.1:$tv_int/v1/providers" -H "Authorization: Bearer $admin" |
+    sed 's/},{"client_auth"/}\n{"client_auth"/g' | grep '"name":"bench"' | grep -o '"\(token_url\|client_auth\|send_scope\)":[^,]*' | paste -sd ' ')"
+  token "$tv_int" "$p6_key" "{\"account_id\":\"$t_account\",\"scopes\":[\"asset.view\"]}"
+  token "$tv_int" "$p6_key" "{\"provider\":\"bench\",\"account_id\":\"$p_account\",\"scopes\":[\"asset.view\"]}"
+  # A round's worth of load per provider before measuring: in two of the first three runs of this part,
+  # with 3 s of warm-up, the first measured run was its provider's slowest (22 us of CPU per request
+  # against 17 to 20 in the later runs).
+  note "credentials registered (201), both caches warmed (one mint each); warming for ${P6_SECONDS} s per provider"
+  part6_run p6-warm-trackunit "" "$t_account" >/dev/null
+  part6_run p6-warm-bench bench "$p_account" >/dev/null
+  say "$P6_ROUNDS rounds of ${P6_SECONDS} s per provider (the first round also splits the machine's CPU)"
+
+  # Saturating runs in turns, the order swapped every round (trackunit first in odd rounds, bench first in
+  # even ones), so that a drift of the machine favours neither. Many short rounds rather than a few long
+  # ones: each round's two runs are seconds apart, and the figure is the median of the rounds' own ratios,
+  # so a disturbance that lasts a round moves one ratio, not the result (the first runs of this part, with
+  # a compiler busy beside them, gave single-round ratios from 0.90 to 1.13 in 10 s rounds).
+  local round name names_t=() names_p=()
+  for round in $(seq 1 "$P6_ROUNDS"); do
+    for name in $(if ((round % 2)); then echo trackunit bench; else echo bench trackunit; fi); do
+      ((round == 1)) && cpu_begin "$tv_pid"
+      if [ "$name" = trackunit ]; then
+        part6_run "p6-trackunit-$round" "" "$t_account"
+      else
+        part6_run "p6-bench-$round" bench "$p_account"
+      fi
+      ((round == 1)) && cpu_end "$(wrk_field "p6-$name-$round" requests)"
+    done
+    names_t+=("p6-trackunit-$round")
+    names_p+=("p6-bench-$round")
+  done
+  wrk_pin=()
+  unshield_core
+
+  local t_rps p_rps t_p50 p_p50 t_p99 p_p99 t_cpu p_cpu ratio ratio_of_medians cpu_ratio errors=0 mints met goal="0.95 <= ratio <= 1.05"
+  t_rps=$(median_field rps "${names_t[@]}"); p_rps=$(median_field rps "${names_p[@]}")
+  t_cpu=$(calc "$(median_field cpu_us "${names_t[@]}")" "%.1f"); p_cpu=$(calc "$(median_field cpu_us "${names_p[@]}")" "%.1f")
+  t_p50=$(median_field p50_us "${names_t[@]}"); p_p50=$(median_field p50_us "${names_p[@]}")
+  t_p99=$(median_field p99_us "${names_t[@]}"); p_p99=$(median_field p99_us "${names_p[@]}")
+  for name in "${names_t[@]}" "${names_p[@]}"; do
+    errors=$((errors + $(wrk_field "$name" status_errors) + $(wrk_field "$name" socket_errors)))
+  done
+  mints=$(stats_field mints_total)
+  # The rounds' own ratios, written as BENCH lines so that median_field takes their median.
+  for round in $(seq 1 "$P6_ROUNDS"); do
+    printf 'BENCH ratio=%s cpu_ratio=%s\n' "$(calc "$(wrk_field "p6-bench-$round" rps) / $(wrk_field "p6-trackunit-$round" rps)" "%.4f")" \
+      "$(calc "$(wrk_field "p6-bench-$round" cpu_us) / $(wrk_field "p6-trackunit-$round" cpu_us)" "%.4f")" >"$work/p6-ratio-$round.wrk"
+  done
+  local ratio_names=()
+  for round in $(seq 1 "$P6_ROUNDS"); do ratio_names+=("p6-ratio-$round"); done
+  ratio=$(calc "$(median_field ratio "${ratio_names[@]}")" "%.3f")
+  cpu_ratio=$(calc "$(median_field cpu_ratio "${ratio_names[@]}")" "%.3f")
+  ratio_of_medians=$(calc "$p_rps / $t_rps" "%.3f")
+  note "each round, bench/trackunit req/s (ratio): $(for round in $(seq 1 "$P6_ROUNDS"); do
+    printf '%s/%s (%s); ' "$(calc "$(wrk_field "p6-bench-$round" rps)" "%.0f")" "$(calc "$(wrk_field "p6-trackunit-$round" rps)" "%.0f")" \
+      "$(calc "$(wrk_field "p6-ratio-$round" ratio)" "%.3f")"
+  done)"
+
+  say "Result (saturating: medians of $P6_ROUNDS rounds; ratios: the median of the rounds' own)"
+  printf '    %-34s %12s %10s %10s %14s\n' "" "requests/s" "p50 ms" "p99 ms" "CPU us/req"
+  printf '    %-34s %12.0f %10s %10s %14s\n' "POST /v1/tokens, trackunit" "$t_rps" "$(ms "$t_p50")" "$(ms "$t_p99")" "$t_cpu"
+  printf '    %-34s %12.0f %10s %10s %14s\n' "POST /v1/tokens, bench (settings)" "$p_rps" "$(ms "$p_p50")" "$(ms "$p_p99")" "$p_cpu"
+  # Met only if every request was answered and nothing but the two warm-ups minted: a run of errors, or of
+  # mints, would be fast or slow for reasons other than the cached path.
+  met=$(verdict "$ratio >= 0.95 && $ratio <= 1.05 && $errors == 0 && $mints == 2")
+  note "non-2xx or socket errors during the runs: $errors; upstream mints: $mints (2 expected: one warm-up per provider)"
+  ((errors == 0)) || note "WARNING: the runs had errors"
+  note "tokenvault CPU per request, bench/trackunit: $cpu_ratio (median of the rounds' ratios)"
+  note "req/s bench/trackunit, median of the rounds' ratios: $ratio (goal: within 5 %, $goal, no error, no mint): $met; ratio of the medians: $ratio_of_medians"
+  row 6 "cached tokens req/s, provider bench" "$(calc "$p_rps" "%.0f")" "$(calc "$t_rps" "%.0f") trackunit" "$ratio" "within 5 %" "$met"
+  row 6 "cached tokens p99, provider bench" "$(ms "$p_p99") ms" "$(ms "$t_p99") ms trackunit" "$(calc "$p_p99 / $t_p99")" "-" "-"
+  row 6 "tokenvault CPU per request, bench" "$p_cpu us" "$t_cpu us trackunit" "$cpu_ratio" "-" "-"
   stop_all
 }
 
