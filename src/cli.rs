@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::crypto::generate_key;
-use crate::domain::{Scope, ServiceKey, TextField};
+use crate::domain::TextField;
 use crate::settings::{Settings, Source};
 use crate::startup::Application;
 use crate::store::{self, api_client, installation};
@@ -58,6 +58,9 @@ pub enum Command {
     /// What the callbacks' identity tokens carry.
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// The audit trail: every change of who can get what.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Exit 0 when the public listener (or with --internal the internal one) answers /readyz with 200,
     /// else 1: a container health check for images without curl. Needs only the listener addresses.
     Healthcheck {
@@ -148,14 +151,37 @@ pub enum ClientsCommand {
         /// trackunit only.
         #[arg(long = "provider", value_name = "PROVIDER|*")]
         providers: Vec<String>,
-        /// Allow the admin API (list and revoke installations).
+        /// Allow the admin API (installations, credentials, clients, audit).
         #[arg(long)]
         admin: bool,
+        /// The key stops working after this long (90s, 30m, 24h, 7d, or seconds). Without it, never.
+        #[arg(long = "expires-in", value_name = "DURATION")]
+        expires_in: Option<String>,
     },
-    /// List clients (never prints keys).
-    List,
-    /// Revoke the client named NAME: its key stops working at once.
+    /// List clients (never prints keys), with when each key was last used.
+    List {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke the client named NAME: its keys stop working at once. The name can be used again.
     Revoke { name: String },
+    /// Give the client named NAME a new key, printed once; its old key keeps working for the grace period,
+    /// so callers can roll over.
+    Rotate {
+        name: String,
+        /// How long the old key keeps working (90s, 30m, 24h, 7d, or seconds).
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        grace: String,
+    },
+}
+
+/// How list commands print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns, for people.
+    Table,
+    /// One JSON object per line, for programs.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +191,8 @@ pub enum InstallationsCommand {
         /// Only those of this provider.
         #[arg(long)]
         provider: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Make a rejected installation (the token endpoint answered invalid_client) active again now,
     /// instead of waiting for its next probe. Use it when you know the credentials work again.
@@ -208,6 +236,8 @@ pub enum CredentialsCommand {
         /// Only those of this provider.
         #[arg(long)]
         provider: Option<String>,
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -218,10 +248,43 @@ pub enum ProvidersCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Audit records, newest first (never a secret).
+    List(AuditFilter),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AuditFilter {
+    #[arg(long)]
+    pub account: Option<String>,
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// An action, e.g. INSTALLED, CREDENTIALS_REGISTERED, CLIENT_ROTATED.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// RFC 3339: only records at or after.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// RFC 3339: only records before.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only records with an id below this (the cursor of the previous page).
+    #[arg(long)]
+    pub before: Option<i64>,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1000))]
+    pub limit: i64,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
     /// The sets of claim names (never values) that verified Trackunit-Identity tokens carried, newest
     /// first: which claims TOKENVAULT_TRACKUNIT_REQUIRED_CLAIMS could require.
-    Claims,
+    Claims {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 /// Runs the parsed command.
@@ -263,8 +326,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => Application::build(settings).await?.run_until_stopped().await,
         Command::Migrate | Command::Sandbox(_) | Command::Healthcheck { .. } => unreachable!("handled above"),
         Command::Clients(command) => clients(command, &settings).await,
-        Command::Installations(InstallationsCommand::List { provider }) => {
-            list_installations(&settings, provider.as_deref()).await
+        Command::Installations(InstallationsCommand::List { provider, output }) => {
+            list_installations(&settings, provider.as_deref(), output).await
         }
         Command::Credentials(command) => credentials(command, &settings).await,
         Command::Providers(ProvidersCommand::List) => {
@@ -274,7 +337,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Installations(InstallationsCommand::Reactivate { id }) => reactivate(&settings, id).await,
-        Command::Identity(IdentityCommand::Claims) => identity_claims(&settings).await,
+        Command::Identity(IdentityCommand::Claims { output }) => identity_claims(&settings, output).await,
+        Command::Audit(AuditCommand::List(filter)) => audit_list(&settings, filter).await,
         Command::Keys(KeysCommand::Rotate { batch_size }) => rotate(&settings, batch_size).await,
         Command::Keys(KeysCommand::Status) => key_status(&settings).await,
         Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
@@ -370,59 +434,56 @@ fn generate(id: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn grants(values: Vec<String>, what: &str, check: impl Fn(&str) -> bool) -> anyhow::Result<Vec<String>> {
-    for value in &values {
-        anyhow::ensure!(value == api_client::WILDCARD || check(value), "{what} {value:?} is not valid");
-    }
-    Ok(values)
-}
-
 async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     match command {
-        ClientsCommand::Create { name, accounts, scopes, apps, providers, admin } => {
-            TextField::parse(name.as_str()).map_err(|e| anyhow::anyhow!("--name {e}"))?;
-            let accounts = grants(accounts, "--account", |a| TextField::parse(a).is_ok())?;
-            let scopes = grants(scopes, "--scope", |s| Scope::parse(s).is_ok())?;
-            let mut apps = grants(apps, "--app", |a| TextField::parse(a).is_ok())?;
-            if apps.is_empty() {
-                apps.push(api_client::WILDCARD.to_owned());
-            }
-            let mut providers = grants(providers, "--provider", crate::settings::valid_provider_name)?;
-            if providers.is_empty() {
-                providers.push(crate::provider::TRACKUNIT.to_owned());
-            }
-            anyhow::ensure!(
-                admin || (!accounts.is_empty() && !scopes.is_empty()),
-                "give at least one --account and one --scope (or '*'), or --admin: this client could do nothing"
-            );
-            let key = ServiceKey::generate();
+        ClientsCommand::Create { name, accounts, scopes, apps, providers, admin, expires_in } => {
+            let expires_at = match expires_in {
+                Some(text) => {
+                    let lasts = crate::service_clients::parse_duration(&text)
+                        .map_err(|e| anyhow::anyhow!("--expires-in {e}"))?;
+                    Some(chrono::Utc::now() + chrono::Duration::from_std(lasts)?)
+                }
+                None => None,
+            };
             let grants = api_client::Grants { accounts, scopes, apps, providers, admin };
-            let client = api_client::create(&pool, &name, &key.sha256(), &grants).await?;
+            let new = crate::service_clients::NewClient::new(name, grants, expires_at)
+                .map_err(|reason| anyhow::anyhow!(reason.replace('`', "")))?;
+            let (client, key) = crate::service_clients::create(&pool, &new).await?;
             println!(
-                "created client {} (providers: {}; accounts: {}; scopes: {}; apps: {}; admin: {}). Its key is shown \
-                 once, below:",
+                "created client {} (providers: {}; accounts: {}; scopes: {}; apps: {}; admin: {}; expires: {}). Its \
+                 key is shown once, below:",
                 client.name,
                 display_list(&client.providers),
                 display_list(&client.accounts),
                 display_list(&client.scopes),
                 display_list(&client.apps),
-                client.admin
+                client.admin,
+                client.expires_at.map_or("never".into(), |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
             );
             println!("{}", key.expose());
         }
-        ClientsCommand::List => {
+        ClientsCommand::List { output } => {
+            let clients = api_client::list(&pool).await?;
+            if output == Output::Json {
+                return print_json_lines(&clients);
+            }
             println!(
-                "{:<24} {:<8} {:<6} {:<26} {:<30} {:<24} SCOPES",
-                "NAME", "STATUS", "ADMIN", "CREATED", "ACCOUNTS", "APPS"
+                "{:<24} {:<8} {:<6} {:<21} {:<21} {:<24} {:<24} {:<24} SCOPES",
+                "NAME", "STATUS", "ADMIN", "CREATED", "LAST USED", "PROVIDERS", "ACCOUNTS", "APPS"
             );
-            for client in api_client::list(&pool).await? {
+            let time = |at: Option<chrono::DateTime<chrono::Utc>>| {
+                at.map_or("-".into(), |at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            };
+            for client in clients {
                 println!(
-                    "{:<24} {:<8} {:<6} {:<26} {:<30} {:<24} {}",
+                    "{:<24} {:<8} {:<6} {:<21} {:<21} {:<24} {:<24} {:<24} {}",
                     client.name,
-                    if client.revoked_at.is_some() { "revoked" } else { "active" },
+                    client.status,
                     client.admin,
-                    client.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    time(Some(client.created_at)),
+                    time(client.last_used_at),
+                    display_list(&client.providers),
                     display_list(&client.accounts),
                     display_list(&client.apps),
                     display_list(&client.scopes)
@@ -430,9 +491,29 @@ async fn clients(command: ClientsCommand, settings: &Settings) -> anyhow::Result
             }
         }
         ClientsCommand::Revoke { name } => {
-            anyhow::ensure!(api_client::revoke(&pool, &name).await?, "no active client named {name:?}");
+            anyhow::ensure!(crate::service_clients::revoke(&pool, &name).await?, "no active client named {name:?}");
             println!("revoked client {name}");
         }
+        ClientsCommand::Rotate { name, grace } => {
+            let grace = crate::service_clients::parse_duration(&grace).map_err(|e| anyhow::anyhow!("--grace {e}"))?;
+            anyhow::ensure!(grace <= crate::service_clients::LONGEST_ROTATION_GRACE, "--grace must be at most 30 days");
+            let key = crate::service_clients::rotate(&pool, &name, grace).await?;
+            let key = key.with_context(|| format!("no active client named {name:?}"))?;
+            println!(
+                "rotated the key of client {name}; the old key works for {} more second(s). The new key is shown \
+                 once, below:",
+                grace.as_secs()
+            );
+            println!("{}", key.expose());
+        }
+    }
+    Ok(())
+}
+
+/// Prints `rows` as JSON lines (`--output json`).
+fn print_json_lines<T: serde::Serialize>(rows: &[T]) -> anyhow::Result<()> {
+    for row in rows {
+        println!("{}", serde_json::to_string(row)?);
     }
     Ok(())
 }
@@ -454,8 +535,11 @@ async fn reactivate(settings: &Settings, id: uuid::Uuid) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn identity_claims(settings: &Settings) -> anyhow::Result<()> {
+async fn identity_claims(settings: &Settings, output: Output) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
+    if output == Output::Json {
+        return print_json_lines(&crate::store::identity_claim_set::list(&pool).await?);
+    }
     println!("{:<20} {:<20} CLAIM NAMES", "FIRST SEEN", "LAST SEEN");
     for set in crate::store::identity_claim_set::list(&pool).await? {
         println!(
@@ -524,17 +608,77 @@ async fn credentials(command: CredentialsCommand, settings: &Settings) -> anyhow
             );
             println!("deleted credentials of {account} at {provider}");
         }
-        CredentialsCommand::List { provider } => {
-            let rows = installation::list(&pool, provider.as_deref()).await?;
-            print_installations(rows.iter().filter(|row| row.provider != crate::provider::TRACKUNIT));
+        CredentialsCommand::List { provider, output } => {
+            let rows: Vec<_> = installation::list(&pool, provider.as_deref())
+                .await?
+                .into_iter()
+                .filter(|row| row.provider != crate::provider::TRACKUNIT)
+                .collect();
+            if output == Output::Json {
+                return print_json_lines(&rows);
+            }
+            print_installations(rows.iter());
         }
     }
     Ok(())
 }
 
-async fn list_installations(settings: &Settings, provider: Option<&str>) -> anyhow::Result<()> {
+async fn list_installations(settings: &Settings, provider: Option<&str>, output: Output) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
-    print_installations(installation::list(&pool, provider).await?.iter());
+    let rows = installation::list(&pool, provider).await?;
+    if output == Output::Json {
+        return print_json_lines(&rows);
+    }
+    print_installations(rows.iter());
+    Ok(())
+}
+
+async fn audit_list(settings: &Settings, filter: AuditFilter) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database_url, 2)?;
+    let time = |text: Option<String>, flag: &str| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+        text.map(|t| {
+            chrono::DateTime::parse_from_rfc3339(&t)
+                .map(|at| at.to_utc())
+                .with_context(|| format!("{flag} is not RFC 3339"))
+        })
+        .transpose()
+    };
+    let query = crate::store::audit::Filter {
+        account_id: filter.account,
+        provider: filter.provider,
+        action: filter.action,
+        since: time(filter.since, "--since")?,
+        until: time(filter.until, "--until")?,
+        before: filter.before,
+        limit: filter.limit,
+    };
+    let events = crate::store::audit::list(&pool, &query).await?;
+    if filter.output == Output::Json {
+        return print_json_lines(&events);
+    }
+    println!(
+        "{:<8} {:<20} {:<22} {:<22} {:<14} {:<12} {:<24} TARGET",
+        "ID", "AT", "ACTOR", "ACTION", "OUTCOME", "PROVIDER", "ACCOUNT"
+    );
+    for event in &events {
+        let target = event.client_name.clone().or(event.app_id.clone()).unwrap_or_default();
+        println!(
+            "{:<8} {:<20} {:<22} {:<22} {:<14} {:<12} {:<24} {}",
+            event.id,
+            event.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            event.actor,
+            event.action,
+            event.outcome,
+            event.provider.as_deref().unwrap_or("-"),
+            event.account_id.as_deref().unwrap_or("-"),
+            target
+        );
+    }
+    if events.len() as i64 == filter.limit
+        && let Some(last) = events.last()
+    {
+        eprintln!("(more: --before {})", last.id);
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::crypto::{Aad, AadVersion, CredentialRow, KeyRing, Sealed, SecretField};
-use crate::store::callback_event::{self, CallbackEvent};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::installation::{self, SealedCredentials, Summary};
 use crate::store::refresh_token::{self, RefreshTokenRow};
 use crate::store::{mint_failure, token_cache};
@@ -167,14 +167,14 @@ pub async fn register(
         }
         (None, None) => return Err(sqlx::Error::RowNotFound),
     };
-    let event = CallbackEvent {
-        event_type: if replaced { "CREDENTIALS_REPLACED" } else { "CREDENTIALS_REGISTERED" },
-        app_id: None,
+    let action = if replaced { "CREDENTIALS_REPLACED" } else { "CREDENTIALS_REGISTERED" };
+    let event = AuditEvent {
+        provider: Some(provider),
         account_id: Some(account_id),
-        outcome: "stored",
-        identity_issued_at: None,
+        installation_id: Some(id),
+        ..AuditEvent::new(action, "stored")
     };
-    callback_event::record(&mut tx, &event).await?;
+    audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     let summary = installation::summary(pool, id).await?.ok_or(sqlx::Error::RowNotFound)?;
     Ok(if replaced { Registered::Replaced(summary) } else { Registered::Created(summary) })
@@ -188,14 +188,13 @@ pub async fn erase(pool: &PgPool, provider: &str, account_id: &str) -> sqlx::Res
         return Ok(None);
     };
     installation::delete(&mut tx, existing.id).await?;
-    let event = CallbackEvent {
-        event_type: "CREDENTIALS_DELETED",
-        app_id: None,
+    let event = AuditEvent {
+        provider: Some(provider),
         account_id: Some(account_id),
-        outcome: "deleted",
-        identity_issued_at: None,
+        installation_id: Some(existing.id),
+        ..AuditEvent::new("CREDENTIALS_DELETED", "deleted")
     };
-    callback_event::record(&mut tx, &event).await?;
+    audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(Some(existing.id))
 }

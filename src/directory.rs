@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::broker::FastHash;
 use crate::rate_limit::PerSecond;
 use crate::store::api_client::{self, ApiClient};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::installation::{self, Installation};
 
 /// The channel the triggers notify on. Changing it breaks running replicas until they restart.
@@ -96,7 +97,7 @@ impl Directory {
     /// a key created a moment ago work before its NOTIFY drops the set.
     pub async fn client(&self, digest: &[u8; 32]) -> sqlx::Result<Option<Arc<ApiClient>>> {
         if let Some(client) = self.clients.get(digest) {
-            return Ok(Some(client));
+            return Ok(client.key_works(digest).then_some(client));
         }
         if self.known_digests().await?.is_some_and(|known| !known.contains(digest)) && UNKNOWN_LOOKUPS.allow().is_none()
         {
@@ -139,7 +140,40 @@ impl Directory {
 
     /// The cached client for `digest`, without touching the database (the hot path).
     pub fn cached_client(&self, digest: &[u8; 32]) -> Option<Arc<ApiClient>> {
-        self.clients.get(digest)
+        self.clients.get(digest).filter(|client| client.key_works(digest))
+    }
+
+    /// Writes down, every minute, which clients used their keys (`last_used_at`), and audits keys that
+    /// expired. Off every request's path: a request only marks its client (see `UsageMark`).
+    pub fn spawn_usage_recorder(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let used: Vec<uuid::Uuid> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, client)| client.usage.take())
+                    .map(|(_, client)| client.id)
+                    .collect();
+                if !used.is_empty()
+                    && let Err(error) = api_client::record_usage(&self.pool, &used).await
+                {
+                    tracing::debug!(error = %error, "recording key usage failed");
+                }
+                if let Err(error) = self.audit_expired_keys().await {
+                    tracing::debug!(error = %error, "auditing expired keys failed");
+                }
+            }
+        })
+    }
+
+    async fn audit_expired_keys(&self) -> sqlx::Result<()> {
+        for (_, name) in api_client::newly_expired(&self.pool).await? {
+            let mut conn = self.pool.acquire().await?;
+            let event = AuditEvent { client_name: Some(&name), ..AuditEvent::new("CLIENT_KEY_EXPIRED", "expired") };
+            audit::record(&mut conn, &event).await?;
+        }
+        Ok(())
     }
 
     /// The cached installations of `account_id`, without touching the database (the hot path).

@@ -33,6 +33,8 @@ pub enum ApiError {
     AppNotAllowed,
     #[error("no provider of this name is configured")]
     UnknownProvider,
+    #[error("a client of this name exists (revoke it first to reuse the name)")]
+    NameTaken,
     #[error("trackunit's credentials arrive by its callback; they cannot be registered here")]
     CredentialsFromCallback,
     #[error("no active installation (credentials) for this account, app and provider")]
@@ -81,6 +83,7 @@ impl ApiError {
             ApiError::AppNotAllowed => "app_not_allowed",
             ApiError::NotInstalled => "not_installed",
             ApiError::UnknownProvider => "unknown_provider",
+            ApiError::NameTaken => "name_taken",
             ApiError::CredentialsFromCallback => "credentials_from_callback",
             ApiError::InstallationNotFound | ApiError::NotFound => "not_found",
             ApiError::AmbiguousApp => "ambiguous_app",
@@ -169,9 +172,10 @@ impl ResponseError for ApiError {
             | ApiError::InstallationNotFound
             | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::AmbiguousApp | ApiError::NoCredentials | ApiError::CredentialsFromCallback => {
-                StatusCode::CONFLICT
-            }
+            ApiError::AmbiguousApp
+            | ApiError::NoCredentials
+            | ApiError::CredentialsFromCallback
+            | ApiError::NameTaken => StatusCode::CONFLICT,
             ApiError::InvalidScope => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UpstreamRejected(_) | ApiError::UpstreamError { .. } => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamUnavailable { .. }

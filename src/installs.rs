@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::credentials::{seal_credentials, sealed_pair};
 use crate::crypto::{Aad, AadVersion, CredentialRow, KeyRing, SecretField};
 use crate::domain::{AccountId, AppId};
-use crate::store::callback_event::{self, CallbackEvent};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::identity_replay::{self, Seen};
 use crate::store::installation::{self, Installation, Status};
 use crate::store::{mint_failure, token_cache};
@@ -80,6 +80,14 @@ impl Outcome {
         }
     }
 
+    /// The installation it concerns, when there is one.
+    pub fn installation(self) -> Option<Uuid> {
+        match self {
+            Outcome::Stored(id) | Outcome::Unchanged(id) | Outcome::Uninstalled(id) => Some(id),
+            _ => None,
+        }
+    }
+
     /// The installation whose cached tokens must be forgotten, if any.
     pub fn changed_installation(self) -> Option<Uuid> {
         match self {
@@ -136,15 +144,16 @@ pub async fn apply(
     let outcome = match seen {
         Seen::OtherBody => {
             tx.rollback().await?;
-            let event = CallbackEvent {
-                event_type,
+            let event = AuditEvent {
+                actor: Some("callback"),
+                provider: Some(crate::provider::TRACKUNIT),
                 app_id,
                 account_id,
-                outcome: "replay_refused",
                 identity_issued_at: issued_at,
+                ..AuditEvent::new(event_type, "replay_refused")
             };
             let mut tx = pool.begin().await?;
-            callback_event::record(&mut tx, &event).await?;
+            audit::record(&mut tx, &event).await?;
             tx.commit().await?;
             return Err(ApplyError::Replayed);
         }
@@ -159,9 +168,16 @@ pub async fn apply(
             CallbackMessage::Other { .. } => Outcome::Ignored,
         },
     };
-    let event =
-        CallbackEvent { event_type, app_id, account_id, outcome: outcome.label(), identity_issued_at: issued_at };
-    callback_event::record(&mut tx, &event).await?;
+    let event = AuditEvent {
+        actor: Some("callback"),
+        provider: Some(crate::provider::TRACKUNIT),
+        app_id,
+        account_id,
+        installation_id: outcome.installation(),
+        identity_issued_at: issued_at,
+        ..AuditEvent::new(event_type, outcome.label())
+    };
+    audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -277,14 +293,14 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<String>> {
     token_cache::delete_for_installation(&mut tx, id).await?;
     crate::store::refresh_token::delete(&mut tx, id).await?;
     mint_failure::delete_for_installation(&mut tx, id).await?;
-    let event = CallbackEvent {
-        event_type: "ADMIN_REVOKED",
+    let event = AuditEvent {
+        provider: Some(&existing.provider),
         app_id: existing.app_id.as_deref(),
         account_id: Some(&existing.account_id),
-        outcome: "revoked",
-        identity_issued_at: None,
+        installation_id: Some(existing.id),
+        ..AuditEvent::new("ADMIN_REVOKED", "revoked")
     };
-    callback_event::record(&mut tx, &event).await?;
+    audit::record(&mut tx, &event).await?;
     tx.commit().await?;
     Ok(Some(existing.account_id))
 }
@@ -316,14 +332,14 @@ pub async fn reactivate(pool: &PgPool, id: Uuid) -> sqlx::Result<Reactivation> {
         Status::Rejected => {
             installation::reactivate(&mut tx, id, None).await?;
             mint_failure::delete_for_installation(&mut tx, id).await?;
-            let event = CallbackEvent {
-                event_type: "ADMIN_REACTIVATED",
+            let event = AuditEvent {
+                provider: Some(&existing.provider),
                 app_id: existing.app_id.as_deref(),
                 account_id: Some(&existing.account_id),
-                outcome: "reactivated",
-                identity_issued_at: None,
+                installation_id: Some(existing.id),
+                ..AuditEvent::new("ADMIN_REACTIVATED", "reactivated")
             };
-            callback_event::record(&mut tx, &event).await?;
+            audit::record(&mut tx, &event).await?;
             Reactivation::Reactivated { account_id: existing.account_id.clone() }
         }
     };

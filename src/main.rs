@@ -12,7 +12,9 @@ fn main() -> ExitCode {
     let system = actix_web::rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("the Tokio runtime starts")
     });
-    match system.block_on(tokenvault::cli::run(cli)) {
+    // What a command changes is audited as done by the CLI (`serve` names its own actors per request).
+    let context = tokenvault::request_context::Context { request_id: None, actor: Some("cli".into()) };
+    match system.block_on(tokenvault::request_context::scope(context, tokenvault::cli::run(cli))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line naming the cause: the outermost context and its sources.

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::crypto::{Aad, AadVersion, KeyRing, SecretField, TokenRow};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::installation::{self, Installation, SealedCredentials};
 use crate::store::{refresh_token, token_cache};
 
@@ -158,6 +159,17 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
         }
         tx.commit().await?;
     }
+    let outcome = if report.unreadable_installations.is_empty()
+        && report.unreadable_tokens.is_empty()
+        && report.unreadable_refresh_tokens.is_empty()
+    {
+        "complete"
+    } else {
+        "incomplete"
+    };
+    let mut conn = pool.acquire().await?;
+    let event = AuditEvent { client_name: None, ..AuditEvent::new("ENCRYPTION_KEYS_ROTATED", outcome) };
+    audit::record(&mut conn, &event).await?;
     Ok(report)
 }
 

@@ -163,6 +163,8 @@ pub struct Settings {
     pub listener_heartbeat: Duration,
     /// How long in-flight requests get to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Audit records older than this many days are pruned; 0 keeps them for ever.
+    pub audit_retention_days: u32,
 }
 
 impl fmt::Debug for Settings {
@@ -185,6 +187,7 @@ impl fmt::Debug for Settings {
             .field("rejected_probe_schedule", &self.rejected_probe_schedule)
             .field("listener_heartbeat", &self.listener_heartbeat)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("audit_retention_days", &self.audit_retention_days)
             .finish()
     }
 }
@@ -525,6 +528,7 @@ impl Settings {
             rejected_probe_schedule,
             listener_heartbeat: source.seconds("TOKENVAULT_LISTENER_HEARTBEAT_SECS", 10, 1..=3600)?,
             shutdown_grace: source.seconds("TOKENVAULT_SHUTDOWN_GRACE_SECS", 30, 0..=3600)?,
+            audit_retention_days: source.parsed("TOKENVAULT_AUDIT_RETENTION_DAYS", 90)?,
         })
     }
 }

@@ -121,6 +121,28 @@ fn spawn_installation_gauges(pool: PgPool) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Deletes audit records older than `days` days, hourly (never when `days` is 0). Every replica runs it;
+/// the deletes are idempotent.
+fn spawn_audit_pruner(pool: PgPool, days: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if days == 0 {
+            return;
+        }
+        loop {
+            let pruned = match pool.acquire().await {
+                Ok(mut conn) => store::audit::prune(&mut conn, days).await,
+                Err(error) => Err(error),
+            };
+            match pruned {
+                Ok(0) => {}
+                Ok(rows) => tracing::info!(rows, days, "pruned audit records past retention"),
+                Err(error) => tracing::debug!(error = %error, "pruning audit records failed; will retry"),
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    })
+}
+
 /// Resolves on the first SIGINT or SIGTERM.
 async fn stop_signal() {
     let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -189,6 +211,8 @@ impl Application {
             }),
             Arc::clone(&broker).spawn_prober(),
             spawn_installation_gauges(pool.clone()),
+            spawn_audit_pruner(pool.clone(), settings.audit_retention_days),
+            Arc::clone(&directory).spawn_usage_recorder(),
         ];
 
         let state = web::Data::new(AppState {

@@ -22,6 +22,7 @@ use crate::credentials::seal_refresh_token;
 use crate::crypto::{Aad, AadVersion, OpenError, SecretField};
 use crate::domain::ScopeSet;
 use crate::provider::{Credentials, Grant, MintedToken, Provider};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::installation::{self, Installation};
 use crate::store::mint_failure::{self, MintFailureRow};
 use crate::store::refresh_token::{self, RefreshTokenRow};
@@ -79,6 +80,18 @@ enum Held {
     /// The stored row (locked) and the token it holds.
     Delegated(RefreshTokenRow, SecretString),
     WithToken(Option<CachedTokenRow>),
+}
+
+/// Records in the audit trail that the upstream rejected `installation`'s credentials with `error`.
+async fn audit_rejection(tx: &mut sqlx::PgConnection, installation: &Installation, error: &str) -> sqlx::Result<()> {
+    let event = AuditEvent {
+        provider: Some(&installation.provider),
+        app_id: installation.app_id.as_deref(),
+        account_id: Some(&installation.account_id),
+        installation_id: Some(installation.id),
+        ..AuditEvent::new("INSTALLATION_REJECTED", error)
+    };
+    audit::record(tx, &event).await
 }
 
 /// A mint's new refresh token, and where it goes.
@@ -224,6 +237,7 @@ impl super::Broker {
                     probe,
                 )
                 .await?;
+                audit_rejection(&mut tx, installation, "invalid_client").await?;
                 tx.commit().await?;
                 self.directory.forget_account(&installation.account_id);
                 tracing::warn!(
@@ -242,6 +256,7 @@ impl super::Broker {
                     None,
                 )
                 .await?;
+                audit_rejection(&mut tx, installation, "invalid_grant").await?;
                 tx.commit().await?;
                 self.directory.forget_account(&installation.account_id);
                 tracing::warn!("upstream refused the delegated refresh token; credentials marked rejected");

@@ -499,7 +499,8 @@ impl Broker {
     /// cannot mint a better one.
     async fn still_valid(&self, key: &CacheKey) -> Option<Arc<Token>> {
         let now = Utc::now();
-        let token = match self.memory.get(key).filter(|e| e.token.seconds_left(now) > 0) {
+        // Valid for any time at all, to the millisecond: through an outage, half a second is worth serving.
+        let token = match self.memory.get(key).filter(|e| e.token.left(now).is_some_and(|left| !left.is_zero())) {
             Some(entry) => Arc::clone(&entry.token),
             None => {
                 let mut conn = self.pool.acquire().await.ok()?;
@@ -507,7 +508,7 @@ impl Broker {
                     .await
                     .ok()??;
                 let token = Arc::new(self.open_cached(key, &row).ok()?);
-                if token.seconds_left(now) == 0 {
+                if token.left(now).is_none_or(|left| left.is_zero()) {
                     return None;
                 }
                 token

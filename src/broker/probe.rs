@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::{Broker, CacheKey, Token, UpstreamError};
 use crate::domain::ScopeSet;
 use crate::provider::Grant;
-use crate::store::callback_event::{self, CallbackEvent};
+use crate::store::audit::{self, AuditEvent};
 use crate::store::installation::{self, DueProbe};
 use crate::store::{mint_failure, token_cache};
 
@@ -101,14 +101,15 @@ impl Broker {
                 label
             }
         };
-        let event = CallbackEvent {
-            event_type: "REJECTION_PROBE",
+        let event = AuditEvent {
+            actor: Some("prober"),
+            provider: Some(&installation.provider),
             app_id: installation.app_id.as_deref(),
             account_id: Some(&installation.account_id),
-            outcome: label,
-            identity_issued_at: None,
+            installation_id: Some(installation.id),
+            ..AuditEvent::new("REJECTION_PROBE", label)
         };
-        callback_event::record(&mut tx, &event).await?;
+        audit::record(&mut tx, &event).await?;
         tx.commit().await?;
         metrics::counter!("tokenvault_rejection_probes_total", "outcome" => label).increment(1);
         if label == "reactivated" {

@@ -28,11 +28,18 @@ pub fn presented_key(request: &HttpRequest) -> Result<[u8; 32], ApiError> {
 /// The client whose key hashes to `digest`, or 401. Keys are looked up by digest (in memory, else the
 /// database index), so no timing difference reveals how much of a guessed key was right.
 pub async fn authenticate(digest: &[u8; 32], state: &AppState) -> Result<Arc<ApiClient>, ApiError> {
-    state.directory.client(digest).await?.ok_or(ApiError::Unauthenticated)
+    let client = state.directory.client(digest).await?.ok_or(ApiError::Unauthenticated)?;
+    client.usage.mark();
+    Ok(client)
 }
 
 /// The client if it is an admin; 401 without a valid key, 403 with a non-admin one.
 pub async fn authenticate_admin(digest: &[u8; 32], state: &AppState) -> Result<Arc<ApiClient>, ApiError> {
     let client = authenticate(digest, state).await?;
-    if client.admin { Ok(client) } else { Err(ApiError::Forbidden("this route needs an admin key".into())) }
+    if !client.admin {
+        return Err(ApiError::Forbidden("this route needs an admin key".into()));
+    }
+    // What this request changes is audited as done by this client.
+    crate::request_context::set_actor(format!("client:{}", client.name));
+    Ok(client)
 }

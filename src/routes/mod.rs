@@ -1,9 +1,11 @@
 //! HTTP handlers, one file per resource. Handlers parse and authorise, then call `installs`, `broker`,
 //! `identity` or `store`; they hold no SQL and no cryptography.
 
+mod audit;
 mod auth;
 mod body;
 mod callbacks;
+mod clients;
 mod health;
 mod installations;
 pub mod observe;
@@ -57,9 +59,11 @@ async fn offload<T: Send + 'static>(
     work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     use tracing::Instrument;
+    // The request's context (its id, who acts) goes with the work to the task that does it.
+    let context = crate::request_context::current();
     state
         .runtime
-        .spawn(work.instrument(tracing::Span::current()))
+        .spawn(crate::request_context::scope(context, work.instrument(tracing::Span::current())))
         .await
         .map_err(|error| ApiError::Internal(anyhow::Error::new(error).context("the request's task failed")))?
 }
@@ -109,6 +113,26 @@ pub fn internal(config: &mut web::ServiceConfig) {
                 .route(web::put().to(providers::put))
                 .route(web::delete().to(providers::delete))
                 .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/clients")
+                .route(web::get().to(clients::list))
+                .route(web::post().to(clients::create))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/clients/{name}")
+                .route(web::get().to(clients::get))
+                .route(web::delete().to(clients::revoke))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/clients/{name}/rotate")
+                .route(web::post().to(clients::rotate))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/audit").route(web::get().to(audit::list)).default_service(web::to(method_not_allowed)),
         )
         .service(
             web::resource("/metrics")

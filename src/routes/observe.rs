@@ -19,23 +19,18 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest caller-chosen request id kept; longer (or oddly spelt) ones are replaced by a new id.
 const LONGEST_REQUEST_ID: usize = 128;
 
-tokio::task_local! {
-    /// The id of the request being answered, for problem bodies (see `error.rs`).
-    static REQUEST_ID: RequestId;
-}
-
-/// A request's id, as a request extension and for the current task.
+/// A request's id, as a request extension (the request's span reads it).
 #[derive(Clone, Debug)]
 pub struct RequestId(pub Arc<str>);
 
 /// The current request's id, when called while answering one.
 pub fn current_request_id() -> Option<RequestId> {
-    REQUEST_ID.try_with(Clone::clone).ok()
+    crate::request_context::current().request_id.map(RequestId)
 }
 
 /// Runs `work` as part of answering the request `id` (what the middleware does; tests use it directly).
 pub async fn within_request<T>(id: RequestId, work: impl Future<Output = T>) -> T {
-    REQUEST_ID.scope(id, work).await
+    crate::request_context::scope(crate::request_context::Context { request_id: Some(id.0), actor: None }, work).await
 }
 
 /// Which listener a request came to.

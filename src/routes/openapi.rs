@@ -64,6 +64,12 @@ pub async fn serve(state: web::Data<AppState>) -> HttpResponse {
         super::providers::list,
         super::providers::put,
         super::providers::delete,
+        super::clients::create,
+        super::clients::list,
+        super::clients::get,
+        super::clients::revoke,
+        super::clients::rotate,
+        super::audit::list,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,
@@ -202,6 +208,118 @@ pub struct CredentialsSummary {
     created_at: String,
     #[schema(format = DateTime)]
     updated_at: String,
+}
+
+/// A service client to create. Grants: `accounts`, `scopes`, `apps` (default all) and `providers` (default
+/// `trackunit`), each value or `*`; `admin` allows the admin API.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct ClientRequest {
+    #[schema(min_length = 1, max_length = 256)]
+    name: String,
+    accounts: Option<Vec<String>>,
+    scopes: Option<Vec<String>>,
+    apps: Option<Vec<String>>,
+    providers: Option<Vec<String>>,
+    admin: Option<bool>,
+    /// When the key stops working (RFC 3339, in the future); never when absent.
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+}
+
+/// A rotation's grace period: how long the old key keeps working (default 86400 s, at most 30 days).
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct RotateRequest {
+    #[schema(minimum = 0, maximum = 2592000)]
+    grace_seconds: Option<u64>,
+}
+
+/// A service client, as listed: never a key.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct ClientSummary {
+    name: String,
+    /// `active`, `revoked` or `expired`.
+    status: String,
+    admin: bool,
+    accounts: Vec<String>,
+    scopes: Vec<String>,
+    apps: Vec<String>,
+    providers: Vec<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    revoked_at: Option<String>,
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    /// Until when a key a rotation replaced still works.
+    #[schema(format = DateTime)]
+    previous_key_expires_at: Option<String>,
+    /// To within a minute.
+    #[schema(format = DateTime)]
+    last_used_at: Option<String>,
+}
+
+/// A client with its new key, shown this once (`tvk_…`; only its SHA-256 is stored): the members of a
+/// client summary, and `key`.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct CreatedClient {
+    /// The service key. Keep it secret; it cannot be shown again.
+    key: String,
+    name: String,
+    status: String,
+    admin: bool,
+    accounts: Vec<String>,
+    scopes: Vec<String>,
+    apps: Vec<String>,
+    providers: Vec<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    revoked_at: Option<String>,
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    previous_key_expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    last_used_at: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct ClientList {
+    clients: Vec<ClientSummary>,
+}
+
+/// A page of the audit trail, newest first.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct AuditPage {
+    events: Vec<AuditRecord>,
+    /// The `before` of the next page; null on the last.
+    next: Option<i64>,
+}
+
+/// One audit record: never a secret.
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "a documentation type: described, never built")]
+pub struct AuditRecord {
+    id: i64,
+    #[schema(format = DateTime)]
+    at: String,
+    /// `callback`, `cli`, `prober`, `tokenvault` or `client:<name>`.
+    actor: String,
+    action: String,
+    outcome: String,
+    provider: Option<String>,
+    app_id: Option<String>,
+    account_id: Option<String>,
+    #[schema(format = "uuid")]
+    installation_id: Option<String>,
+    client_name: Option<String>,
+    request_id: Option<String>,
 }
 
 /// Every installation, oldest first. Never a credential or a client id.
@@ -470,6 +588,56 @@ impl IntoResponses for CredentialsDeleteProblems {
             (ApiError::UnknownProvider, "No provider of this name is configured."),
             (ApiError::NotFound, "No credentials of this account at this provider to delete."),
             (ApiError::CredentialsFromCallback, "The provider is `trackunit`, whose credentials arrive by callback."),
+            (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
+            (internal(), "A bug or an unexpected database error."),
+        ])
+    }
+}
+
+/// The problems of `POST /v1/clients`.
+pub struct ClientProblems;
+
+impl IntoResponses for ClientProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (ApiError::InvalidRequest("`name` must not be empty".into()), "The body is malformed or a grant invalid."),
+            (ApiError::Unauthenticated, "No service key, an unknown key, or a revoked key."),
+            (ApiError::Forbidden("this route needs an admin key".into()), "The key is not an admin key."),
+            (ApiError::NameTaken, "A client of this name exists and is not revoked."),
+            (ApiError::PayloadTooLarge(64 * 1024), "The body is larger than 64 KiB."),
+            (ApiError::UnsupportedMediaType, "`Content-Type` is not `application/json` or `application/*+json`."),
+            (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
+            (internal(), "A bug or an unexpected database error."),
+        ])
+    }
+}
+
+/// The problems of the `/v1/clients/{name}` routes.
+pub struct ClientNameProblems;
+
+impl IntoResponses for ClientNameProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (ApiError::InvalidRequest("`grace_seconds` must be at most 2592000 (30 days)".into()), "A bad body."),
+            (ApiError::Unauthenticated, "No service key, an unknown key, or a revoked key."),
+            (ApiError::Forbidden("this route needs an admin key".into()), "The key is not an admin key."),
+            (ApiError::NotFound, "No client of this name that is not revoked."),
+            (ApiError::UnsupportedMediaType, "`Content-Type` is not `application/json` or `application/*+json`."),
+            (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
+            (internal(), "A bug or an unexpected database error."),
+        ])
+    }
+}
+
+/// The problems of `GET /v1/audit`.
+pub struct AuditProblems;
+
+impl IntoResponses for AuditProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (ApiError::InvalidRequest("`limit` must be from 1 to 1000".into()), "A bad query."),
+            (ApiError::Unauthenticated, "No service key, an unknown key, or a revoked key."),
+            (ApiError::Forbidden("this route needs an admin key".into()), "The key is not an admin key."),
             (ApiError::DatabaseUnavailable, "The database cannot be reached now."),
             (internal(), "A bug or an unexpected database error."),
         ])

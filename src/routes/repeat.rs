@@ -51,6 +51,7 @@ pub fn replay(state: &AppState, generation: u64, digest: &[u8; 32], body: &[u8])
             let token = std::ptr::eq(answer.broker.as_ptr(), Arc::as_ptr(broker))
                 .then(|| broker.serve_again(&answer.lease))
                 .flatten()?;
+            answer.client.usage.mark();
             super::tokens::record_on_span(&answer.client, answer.lease.installation());
             Some(token)
         });

@@ -133,6 +133,7 @@ fn cached_token(
         return Some(token);
     }
     let client = state.directory.cached_client(digest)?;
+    client.usage.mark();
     let wanted = parse(body, &state.providers).ok()?;
     authorize(&client, &wanted).ok()?;
     let provider = wanted.provider.as_ref().ok()?;

@@ -3,7 +3,7 @@
 //! ciphertext as opaque bytes.
 
 pub mod api_client;
-pub mod callback_event;
+pub mod audit;
 pub mod identity_claim_set;
 pub mod identity_replay;
 pub mod installation;

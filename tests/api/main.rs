@@ -3,6 +3,7 @@
 
 mod admin;
 mod callbacks;
+mod clients;
 mod conformance;
 mod hardening;
 mod helpers;

@@ -21,6 +21,12 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/v1/providers"),
     ("PUT", "/v1/providers/{provider}/accounts/{account_id}/credentials"),
     ("DELETE", "/v1/providers/{provider}/accounts/{account_id}/credentials"),
+    ("POST", "/v1/clients"),
+    ("GET", "/v1/clients"),
+    ("GET", "/v1/clients/{name}"),
+    ("DELETE", "/v1/clients/{name}"),
+    ("POST", "/v1/clients/{name}/rotate"),
+    ("GET", "/v1/audit"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
@@ -90,7 +96,8 @@ async fn openapi_operations_exist_on_the_listeners_their_tags_name() {
         let target = path
             .replace("{id}", &uuid::Uuid::new_v4().to_string())
             .replace("{provider}", "trackunit")
-            .replace("{account_id}", "acc-1");
+            .replace("{account_id}", "acc-1")
+            .replace("{name}", "some-client");
         for (listener, base) in [("public", &app.public), ("internal", &app.internal)] {
             let verb = Method::from_bytes(method.as_bytes()).unwrap();
             let response = app.http.request(verb, format!("{base}{target}")).send().await.unwrap();

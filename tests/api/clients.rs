@@ -1,0 +1,216 @@
+//! The admin API over service keys, and the audit trail.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn admin_app() -> (TestApp, String) {
+    let app = spawn_app().await;
+    let admin = app.client(&[], &[], true).await;
+    (app, admin)
+}
+
+fn url(app: &TestApp, path: &str) -> String {
+    format!("{}{path}", app.internal)
+}
+
+async fn create(app: &TestApp, admin: &str, body: &Value) -> reqwest::Response {
+    app.http.post(url(app, "/v1/clients")).bearer_auth(admin).json(body).send().await.unwrap()
+}
+
+fn ask() -> Value {
+    json!({"account_id": "acc-1", "scopes": ["a"]})
+}
+
+#[tokio::test]
+async fn a_client_is_created_listed_shown_and_revoked_and_its_name_can_be_used_again() {
+    let (app, admin) = admin_app().await;
+    app.install("acc-1").await;
+    let response = create(&app, &admin, &json!({"name": "billing", "accounts": ["acc-1"], "scopes": ["a"]})).await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let created: Value = response.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("tvk_"));
+    assert_eq!((created["status"].as_str(), created["providers"][0].as_str()), (Some("active"), Some("trackunit")));
+    assert_eq!(app.token(&key, &ask()).await.status(), 200, "the new key works at once");
+
+    let listed = app.http.get(url(&app, "/v1/clients")).bearer_auth(&admin).send().await.unwrap().text().await.unwrap();
+    assert!(listed.contains("billing") && !listed.contains(&key) && !listed.contains("key_sha256"), "{listed}");
+    let shown: Value =
+        app.http.get(url(&app, "/v1/clients/billing")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    assert_eq!(shown["accounts"], json!(["acc-1"]));
+    assert!(shown.get("key").is_none());
+
+    let again = create(&app, &admin, &json!({"name": "billing", "accounts": ["*"], "scopes": ["*"]})).await;
+    assert_problem(again, 409, "name_taken").await;
+    let revoked = app.http.delete(url(&app, "/v1/clients/billing")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(revoked.status(), 204);
+    let body = ask();
+    let refused = eventually(|| app.token(&key, &body), |r| r.status() == 401).await;
+    assert_problem(refused, 401, "unauthenticated").await;
+    let gone = app.http.delete(url(&app, "/v1/clients/billing")).bearer_auth(&admin).send().await.unwrap();
+    assert_problem(gone, 404, "not_found").await;
+    let reused = create(&app, &admin, &json!({"name": "billing", "accounts": ["*"], "scopes": ["*"]})).await;
+    assert_eq!(reused.status(), 201, "a revoked client's name can be used again");
+}
+
+#[tokio::test]
+async fn client_routes_refuse_missing_and_non_admin_keys_and_bad_input() {
+    let (app, admin) = admin_app().await;
+    let plain = app.client(&["*"], &["*"], false).await;
+    for (method, path) in [
+        ("POST", "/v1/clients"),
+        ("GET", "/v1/clients"),
+        ("GET", "/v1/clients/x"),
+        ("DELETE", "/v1/clients/x"),
+        ("POST", "/v1/clients/x/rotate"),
+        ("GET", "/v1/audit"),
+    ] {
+        let request = || app.http.request(method.parse().unwrap(), url(&app, path)).json(&json!({"name": "x"}));
+        assert_problem(request().send().await.unwrap(), 401, "unauthenticated").await;
+        assert_problem(request().bearer_auth(&plain).send().await.unwrap(), 403, "forbidden").await;
+    }
+    for bad in [
+        json!({"accounts": ["*"], "scopes": ["*"]}),
+        json!({"name": "n", "accounts": ["*"]}),
+        json!({"name": "n", "accounts": ["*"], "scopes": ["a b"]}),
+        json!({"name": "n", "accounts": ["*"], "scopes": ["*"], "providers": ["Bad"]}),
+        json!({"name": "n", "accounts": ["*"], "scopes": ["*"], "expires_at": "2001-01-01T00:00:00Z"}),
+        json!({"name": "n", "accounts": ["*"], "scopes": ["*"], "role": "owner"}),
+        json!({"name": 5}),
+    ] {
+        assert_problem(create(&app, &admin, &bad).await, 400, "invalid_request").await;
+    }
+    let rotate = app.http.post(url(&app, "/v1/clients/nobody/rotate")).bearer_auth(&admin).send().await.unwrap();
+    assert_problem(rotate, 404, "not_found").await;
+    let audit = app.http.get(url(&app, "/v1/audit?limit=0")).bearer_auth(&admin).send().await.unwrap();
+    assert_problem(audit, 400, "invalid_request").await;
+    let unknown = app.http.get(url(&app, "/v1/audit?colour=red")).bearer_auth(&admin).send().await.unwrap();
+    assert_problem(unknown, 400, "invalid_request").await;
+}
+
+#[tokio::test]
+async fn a_rotated_key_keeps_working_for_its_grace_period_and_the_new_one_at_once() {
+    let (app, admin) = admin_app().await;
+    app.install("acc-1").await;
+    let created: Value =
+        create(&app, &admin, &json!({"name": "svc", "accounts": ["*"], "scopes": ["*"]})).await.json().await.unwrap();
+    let old = created["key"].as_str().unwrap().to_owned();
+    assert_eq!(app.token(&old, &ask()).await.status(), 200);
+
+    let rotated = app
+        .http
+        .post(url(&app, "/v1/clients/svc/rotate"))
+        .bearer_auth(&admin)
+        .json(&json!({"grace_seconds": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+    let rotated: Value = rotated.json().await.unwrap();
+    let new = rotated["key"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert!(rotated["previous_key_expires_at"].is_string());
+    assert_eq!(app.token(&new, &ask()).await.status(), 200, "the new key at once");
+    assert_eq!(app.token(&old, &ask()).await.status(), 200, "the old key during the grace period");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_problem(app.token(&old, &ask()).await, 401, "unauthenticated").await;
+    assert_eq!(app.token(&new, &ask()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_key_with_an_expiry_stops_working_then() {
+    let (app, admin) = admin_app().await;
+    app.install("acc-1").await;
+    let expires_at = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let created =
+        create(&app, &admin, &json!({"name": "temp", "accounts": ["*"], "scopes": ["*"], "expires_at": expires_at}))
+            .await;
+    let key = created.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_owned();
+    assert_eq!(app.token(&key, &ask()).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_problem(app.token(&key, &ask()).await, 401, "unauthenticated").await;
+    let shown: Value =
+        app.http.get(url(&app, "/v1/clients/temp")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    assert_eq!(shown["status"], "expired");
+}
+
+#[tokio::test]
+async fn the_audit_trail_names_actor_action_target_outcome_and_request_newest_first_in_pages() {
+    let config_toml = "[providers.acme]\ntoken_url = \"{trackunit}/apptoken\"\n".to_owned();
+    let app = spawn_app_with(Options { config_toml, ..Options::default() }).await;
+    let admin_name = "ops";
+    let admin = {
+        let key = tokenvault::domain::ServiceKey::generate();
+        let grants = tokenvault::store::api_client::Grants {
+            accounts: vec![],
+            scopes: vec![],
+            apps: vec!["*".into()],
+            providers: vec!["*".into()],
+            admin: true,
+        };
+        tokenvault::store::api_client::create(&app.pool, admin_name, &key.sha256(), &grants).await.unwrap();
+        key.expose().to_owned()
+    };
+    app.install("acc-1").await;
+    let credentials = credentials();
+    let put = app
+        .http
+        .put(url(&app, "/v1/providers/acme/accounts/acc-2/credentials"))
+        .bearer_auth(&admin)
+        .header("x-request-id", "put-creds-1")
+        .json(&json!({"client_id": credentials.client_id, "client_secret": credentials.client_secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    create(&app, &admin, &json!({"name": "svc", "accounts": ["*"], "scopes": ["*"]})).await;
+
+    let page = |query: &str| {
+        let (app, admin, query) = (&app, &admin, query.to_owned());
+        async move {
+            let response =
+                app.http.get(url(app, &format!("/v1/audit{query}"))).bearer_auth(admin).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let all = page("").await;
+    let actions: Vec<&str> = all["events"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["CLIENT_CREATED", "CREDENTIALS_REGISTERED", "INSTALLED"], "newest first");
+    let registered = &all["events"][1];
+    assert_eq!(registered["actor"], format!("client:{admin_name}"));
+    assert_eq!((registered["provider"].as_str(), registered["account_id"].as_str()), (Some("acme"), Some("acc-2")));
+    assert_eq!(registered["request_id"], "put-creds-1");
+    assert_eq!(all["events"][2]["actor"], "callback");
+    assert_eq!(all["events"][0]["client_name"], "svc");
+    let text = all.to_string();
+    assert!(!text.contains(&credentials.client_secret) && !text.contains(&credentials.client_id));
+
+    let first = page("?limit=2").await;
+    assert_eq!(first["events"].as_array().unwrap().len(), 2);
+    let next = first["next"].as_i64().expect("a cursor while more remain");
+    let second = page(&format!("?limit=2&before={next}")).await;
+    assert_eq!(second["events"][0]["action"], "INSTALLED");
+    assert!(second["next"].is_null(), "the last page");
+    assert_eq!(page("?account_id=acc-1").await["events"].as_array().unwrap().len(), 1);
+    assert_eq!(page("?provider=acme").await["events"][0]["action"], "CREDENTIALS_REGISTERED");
+    assert_eq!(page("?action=CLIENT_CREATED").await["events"].as_array().unwrap().len(), 1);
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339().replace('+', "%2B");
+    assert_eq!(page(&format!("?since={future}")).await["events"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn audit_records_past_retention_are_pruned() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    sqlx::query("update audit_event set at = now() - interval '100 days'").execute(&app.pool).await.unwrap();
+    app.install("acc-2").await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    assert_eq!(tokenvault::store::audit::prune(&mut conn, 90).await.unwrap(), 1);
+    let left: i64 = sqlx::query_scalar("select count(*) from audit_event").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(left, 1);
+}
