@@ -71,6 +71,9 @@ pub enum Command {
     /// A local stand-in for Trackunit (JWKS, /apptoken, signed install callbacks), for demos and
     /// development. Needs no settings. With no subcommand, serves it.
     Sandbox(SandboxArgs),
+    /// Print the OpenAPI 3.1 document the internal listener serves at /openapi.json (as committed in
+    /// docs/openapi.json). Needs no settings.
+    Openapi,
 }
 
 #[derive(Debug, clap::Args)]
@@ -292,6 +295,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Each command loads only the settings it needs.
     match &cli.command {
         Command::Keys(KeysCommand::Generate { id }) => return generate(id.as_deref()),
+        Command::Openapi => {
+            println!("{}", crate::routes::openapi::document_pretty()?);
+            return Ok(());
+        }
         Command::Sandbox(args) => {
             let source = Source::environment(cli.config.as_deref())?;
             telemetry::init(crate::settings::log_format(&source)?);
@@ -324,7 +331,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(settings.log_format);
     match cli.command {
         Command::Serve => Application::build(settings).await?.run_until_stopped().await,
-        Command::Migrate | Command::Sandbox(_) | Command::Healthcheck { .. } => unreachable!("handled above"),
+        Command::Migrate | Command::Sandbox(_) | Command::Healthcheck { .. } | Command::Openapi => {
+            unreachable!("handled above")
+        }
         Command::Clients(command) => clients(command, &settings).await,
         Command::Installations(InstallationsCommand::List { provider, output }) => {
             list_installations(&settings, provider.as_deref(), output).await

@@ -60,6 +60,7 @@ fn every_subcommand_has_help() {
         &["clients", "rotate", "--help"],
         &["audit", "list", "--help"],
         &["healthcheck", "--help"],
+        &["openapi", "--help"],
         &["sandbox", "--help"],
         &["sandbox", "install", "--help"],
     ] {
@@ -377,6 +378,28 @@ async fn after_kill_9_during_a_burst_of_callbacks_every_acknowledged_install_is_
     eprintln!("{} acknowledged and stored, {lost} cut off by the kill", acknowledged.len());
 }
 
+/// Where a cluster of a test's own can live: the temporary directory, unless we are root and the
+/// `postgres` user (who runs the server) cannot reach it, as with a private TMPDIR under a 0700 parent;
+/// then a directory of /tmp made for the purpose, as scripts/with-env.sh does.
+fn cluster_parent() -> std::path::PathBuf {
+    let temp = std::env::temp_dir();
+    let as_root = Command::new("id").arg("-u").output().map(|o| text(&o.stdout).trim() == "0").unwrap_or(false);
+    let reachable = || {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", "test", "-x"])
+            .arg(&temp)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !as_root || reachable() {
+        return temp;
+    }
+    let shared = std::path::PathBuf::from("/tmp/tokenvault-test-clusters");
+    std::fs::create_dir_all(&shared).unwrap();
+    let _ = Command::new("chmod").args(["0711", shared.to_str().unwrap()]).status();
+    shared
+}
+
 /// A PostgreSQL cluster of this test's own, so it can really be restarted without disturbing others.
 struct PrivateCluster {
     bin: std::path::PathBuf,
@@ -405,7 +428,7 @@ impl PrivateCluster {
             .filter(|p| p.join("initdb").exists())
             .max()
             .expect("an initdb under /usr/lib/postgresql");
-        let data = std::env::temp_dir().join(format!("tv-restart-{}", uuid::Uuid::new_v4().simple()));
+        let data = cluster_parent().join(format!("tv-restart-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&data).unwrap();
         let _ = Command::new("chown").args(["postgres", data.to_str().unwrap()]).status();
         let cluster = Self { bin, data, port: free_port() };

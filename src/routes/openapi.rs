@@ -29,6 +29,11 @@ pub fn document_json() -> serde_json::Result<web::Bytes> {
     ApiDoc::openapi().to_json().map(web::Bytes::from)
 }
 
+/// The document, pretty-printed: `tokenvault openapi`, and docs/openapi.json.
+pub fn document_pretty() -> serde_json::Result<String> {
+    ApiDoc::openapi().to_pretty_json()
+}
+
 #[utoipa::path(
     get,
     path = "/openapi.json",

@@ -211,3 +211,19 @@ async fn openapi_callback_examples_are_accepted_and_their_required_fields_are_re
     let account = examples["INSTALLED"]["value"]["accountId"].as_str().unwrap();
     assert_eq!(app.status_of(account).await, "uninstalled", "INSTALLED then UNINSTALLED were applied");
 }
+
+/// docs/openapi.json is what the code serves, so a change of the API shows in review and CI fails when
+/// the file is stale. Regenerate it with `cargo run -q -- openapi > docs/openapi.json`.
+#[tokio::test]
+async fn the_committed_openapi_document_is_the_one_served() {
+    let app = spawn_app().await;
+    let served = fetch_document(&app).await;
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/docs/openapi.json", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        committed == served,
+        "docs/openapi.json is stale: run `cargo run -q -- openapi > docs/openapi.json` and commit it"
+    );
+}
