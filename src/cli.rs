@@ -128,6 +128,9 @@ pub enum KeysCommand {
         /// Rows re-encrypted per transaction.
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
         batch_size: i64,
+        /// Only say how many rows would be re-sealed (and expired tokens deleted); change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// How many stored secrets each key id protects, so you know when an old key can be dropped.
     Status,
@@ -348,7 +351,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Installations(InstallationsCommand::Reactivate { id }) => reactivate(&settings, id).await,
         Command::Identity(IdentityCommand::Claims { output }) => identity_claims(&settings, output).await,
         Command::Audit(AuditCommand::List(filter)) => audit_list(&settings, filter).await,
-        Command::Keys(KeysCommand::Rotate { batch_size }) => rotate(&settings, batch_size).await,
+        Command::Keys(KeysCommand::Rotate { batch_size, dry_run }) => rotate(&settings, batch_size, dry_run).await,
         Command::Keys(KeysCommand::Status) => key_status(&settings).await,
         Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
     }
@@ -373,9 +376,24 @@ async fn healthcheck(address: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rotate(settings: &Settings, batch_size: i64) -> anyhow::Result<()> {
+async fn rotate(settings: &Settings, batch_size: i64, dry_run: bool) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
-    let report = crate::rotation::rotate(&pool, &settings.encryption_keys, batch_size).await?;
+    if dry_run {
+        let plan = crate::rotation::plan(&pool, &settings.encryption_keys).await?;
+        println!(
+            "would re-encrypt {} installation(s), {} cached token(s) and {} refresh token(s) under key {}, and \
+             delete {} expired cached token(s); nothing was changed",
+            plan.installations,
+            plan.cached_tokens,
+            plan.refresh_tokens,
+            settings.encryption_keys.primary_id(),
+            plan.expired_tokens
+        );
+        return Ok(());
+    }
+    // Progress on stderr, one line per batch: stdout keeps the summary alone.
+    let progress = |what: &str, done: u64| eprintln!("re-encrypted {done} {what} so far");
+    let report = crate::rotation::rotate(&pool, &settings.encryption_keys, batch_size, progress).await?;
     println!(
         "re-encrypted {} installation(s), {} cached token(s) and {} refresh token(s) under key {}; deleted {} \
          expired cached token(s)",

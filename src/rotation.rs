@@ -29,7 +29,40 @@ pub struct Report {
     pub unreadable_refresh_tokens: Vec<Uuid>,
 }
 
-pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::Result<Report> {
+/// What a rotation would re-seal now (`keys rotate --dry-run`): rows sealed under another key than the
+/// primary one, or with older associated data.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub installations: i64,
+    pub cached_tokens: i64,
+    pub refresh_tokens: i64,
+    pub expired_tokens: i64,
+}
+
+pub async fn plan(pool: &PgPool, keys: &KeyRing) -> sqlx::Result<Plan> {
+    let (installations, cached_tokens, refresh_tokens, expired_tokens): (i64, i64, i64, i64) = sqlx::query_as(
+        "select
+             (select count(*) from installation where key_id is not null and (key_id <> $1 or aad_version < $2)),
+             (select count(*) from token_cache where (key_id <> $1 or aad_version < $2)
+                  and not (expires_at < now() and refresh_token_ciphertext is null)),
+             (select count(*) from refresh_token where key_id <> $1 or aad_version < $2),
+             (select count(*) from token_cache where expires_at < now() and refresh_token_ciphertext is null)",
+    )
+    .bind(keys.primary_id().as_str())
+    .bind(AadVersion::CURRENT.as_column())
+    .fetch_one(pool)
+    .await?;
+    Ok(Plan { installations, cached_tokens, refresh_tokens, expired_tokens })
+}
+
+/// Re-seals everything under the primary key, `batch_size` rows per transaction; `progress` hears of
+/// each batch (what it re-sealed, and of what).
+pub async fn rotate(
+    pool: &PgPool,
+    keys: &KeyRing,
+    batch_size: i64,
+    progress: impl Fn(&str, u64),
+) -> anyhow::Result<Report> {
     let primary = keys.primary_id().as_str();
     let mut report = Report::default();
     let mut conn = pool.acquire().await?;
@@ -68,6 +101,7 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
             }
         }
         tx.commit().await?;
+        progress("installations", report.installations);
     }
 
     loop {
@@ -119,6 +153,7 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
             }
         }
         tx.commit().await?;
+        progress("cached tokens", report.cached_tokens);
     }
 
     loop {
@@ -158,6 +193,7 @@ pub async fn rotate(pool: &PgPool, keys: &KeyRing, batch_size: i64) -> anyhow::R
             }
         }
         tx.commit().await?;
+        progress("refresh tokens", report.refresh_tokens);
     }
     let outcome = if report.unreadable_installations.is_empty()
         && report.unreadable_tokens.is_empty()

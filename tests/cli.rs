@@ -227,11 +227,21 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
     assert!(line.contains("yes") && line.split_whitespace().nth(2) == Some("2"), "{status}");
 
     let broken = app.break_credentials("acc-2").await;
+    let before = app.snapshot().await;
+    let dry = run(tokenvault_for(&app).args(["keys", "rotate", "--dry-run"]).env("TOKENVAULT_ENCRYPTION_KEYS", &ring));
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(text(&dry.stdout).contains("would re-encrypt 2 installation(s)"), "{}", text(&dry.stdout));
+    assert_eq!(app.snapshot().await, before, "a dry run changes nothing");
     let output = run(tokenvault_for(&app)
         .args(["keys", "rotate", "--batch-size", "1"])
         .env("TOKENVAULT_ENCRYPTION_KEYS", &ring));
     assert_eq!(output.status.code(), Some(1));
     assert!(text(&output.stdout).contains("re-encrypted 1 installation"), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stderr).contains("re-encrypted 1 installations so far"),
+        "progress per batch: {}",
+        text(&output.stderr)
+    );
     assert!(text(&output.stderr).contains(&broken.to_string()), "{}", text(&output.stderr));
 
     let status =

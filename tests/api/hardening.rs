@@ -512,7 +512,7 @@ async fn rows_sealed_with_the_first_associated_data_still_open_and_rotation_rese
     assert_eq!(app.token(&key, &request("acc-1", &["a"])).await.status(), 200, "a v1 row opens");
     assert_eq!(app.upstream.calls.lock().unwrap()[0]["client_secret"], credentials.client_secret);
 
-    let report = tokenvault::rotation::rotate(&app.pool, &ring, 10).await.unwrap();
+    let report = tokenvault::rotation::rotate(&app.pool, &ring, 10, |_, _| {}).await.unwrap();
     assert_eq!(report.installations, 1, "re-sealed with the current associated data");
     assert_eq!(count(&app, "select count(*) from installation where aad_version = 2").await, 1);
     assert_eq!(count(&app, "select count(*) from token_cache where aad_version = 2").await, 1);

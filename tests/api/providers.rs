@@ -239,7 +239,7 @@ async fn rotation_reseals_delegated_refresh_tokens_and_they_still_refresh() {
     assert_eq!(app.put_credentials(&admin, "acme", "user-1", &registered).await.status(), 201);
     let next = format!("next:{}", tokenvault::crypto::generate_key());
     let ring = tokenvault::crypto::KeyRing::parse(&format!("{next},{}", app.encryption_keys)).unwrap();
-    let report = tokenvault::rotation::rotate(&app.pool, &ring, 10).await.unwrap();
+    let report = tokenvault::rotation::rotate(&app.pool, &ring, 10, |_, _| {}).await.unwrap();
     assert_eq!((report.installations, report.refresh_tokens), (1, 1));
     let key_ids: Vec<String> =
         sqlx::query_scalar("select key_id from refresh_token").fetch_all(&app.pool).await.unwrap();

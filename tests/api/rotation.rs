@@ -61,7 +61,7 @@ async fn rotating_while_installs_and_token_requests_run_then_dropping_the_old_ke
         }
         installed
     };
-    let (report, installed) = tokio::join!(rotation::rotate(&app.pool, &ring, 4), traffic);
+    let (report, installed) = tokio::join!(rotation::rotate(&app.pool, &ring, 4, |_, _| {}), traffic);
     let report = report.unwrap();
     assert!(report.unreadable_installations.is_empty() && report.unreadable_tokens.is_empty());
     assert!(report.installations > 0);
@@ -111,7 +111,7 @@ async fn rotation_names_rows_it_cannot_decrypt_and_leaves_them_untouched() {
         .unwrap();
 
     let ring = KeyRing::parse(&format!("next:{},{}", generate_key(), app.encryption_keys)).unwrap();
-    let report = rotation::rotate(&app.pool, &ring, 1).await.unwrap();
+    let report = rotation::rotate(&app.pool, &ring, 1, |_, _| {}).await.unwrap();
     assert_eq!(report.installations, 1);
     assert_eq!(report.unreadable_installations, vec![broken]);
     let (key_id, after): (String, Vec<u8>) =
@@ -123,6 +123,6 @@ async fn rotation_names_rows_it_cannot_decrypt_and_leaves_them_untouched() {
     assert_eq!((key_id.as_str(), after), ("test", before));
 
     // Resumable: a second run has nothing left to do but the broken row, which it names again.
-    let again = rotation::rotate(&app.pool, &ring, 1).await.unwrap();
+    let again = rotation::rotate(&app.pool, &ring, 1, |_, _| {}).await.unwrap();
     assert_eq!((again.installations, again.unreadable_installations), (0, vec![broken]));
 }
