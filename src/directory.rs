@@ -38,15 +38,27 @@ pub struct Directory {
     /// query and our insert) is not cached: it may be the old row, and its NOTIFY has already been spent.
     generation: AtomicU64,
     /// The digests of every unrevoked client, loaded whole, so a key that matches none is refused from
-    /// memory: a flood of random keys must not cost a query each. Dropped on every client change and
-    /// loaded again by the next unknown key; clients are few, so the set is small.
-    known_digests: RwLock<Option<Arc<KnownDigests>>>,
+    /// memory: a flood of random keys must not cost a query each. Loaded by the first unknown key; a client
+    /// change adds its digest and a flush (the change listener was lost) marks it stale, to be reloaded:
+    /// see [`Directory::known_digests`]. Clients are few, so the set is small.
+    known_digests: RwLock<Option<KnownSet>>,
     /// Held while the set loads, so concurrent unknown keys share one load.
     loading_known: tokio::sync::Mutex<()>,
 }
 
 /// The key digests of every unrevoked client.
 type KnownDigests = HashSet<[u8; 32], FastHash>;
+
+/// The known set as held: `stale` once a change or a flush means it may hold more than is active or miss a key.
+#[derive(Clone)]
+struct KnownSet {
+    digests: Arc<KnownDigests>,
+    stale: bool,
+}
+
+/// Reloads per second of a stale known set: with the database down, each attempt waits for a connection,
+/// so only one request a second pays that while the others are refused from the stale set.
+static STALE_RELOADS: PerSecond = PerSecond::new(1);
 
 /// Database lookups per second of digests the known set lacks: a key created a moment ago on another
 /// replica, whose NOTIFY has not arrived yet, still works at once; a flood of random keys stays at this.
@@ -114,14 +126,42 @@ impl Directory {
 
     /// The set of every unrevoked client's digest, loading it when it is not held. `None` when a change
     /// overtook the load (the set may be stale): the caller then asks the database about its one digest.
+    ///
+    /// A stale set (the change listener was lost, so a change may have been missed) is still used to
+    /// refuse, which it can only do wrongly for a key created in the gap, and that key gets the per-second
+    /// lookups. It is reloaded at most once a second by one request; while the database cannot answer, the
+    /// others are refused from it, so a flood of random keys during a database outage costs no query each.
     async fn known_digests(&self) -> sqlx::Result<Option<Arc<KnownDigests>>> {
-        if let Some(known) = self.known_digests.read().expect("directory lock poisoned").clone() {
-            return Ok(Some(known));
+        let held = self.known_digests.read().expect("directory lock poisoned").clone();
+        match held {
+            Some(KnownSet { digests, stale: false }) => Ok(Some(digests)),
+            Some(KnownSet { digests: stale, stale: true }) => {
+                let Ok(_loading) = self.loading_known.try_lock() else { return Ok(Some(stale)) };
+                if STALE_RELOADS.allow().is_none() {
+                    return Ok(Some(stale));
+                }
+                match self.load_known_digests().await {
+                    Ok(reloaded) => Ok(reloaded),
+                    Err(error) => {
+                        tracing::debug!(error = %error, "reloading the known key digests failed; refusing from the last set");
+                        Ok(Some(stale))
+                    }
+                }
+            }
+            None => {
+                let _loading = self.loading_known.lock().await;
+                if let Some(KnownSet { digests, stale: false }) =
+                    self.known_digests.read().expect("directory lock poisoned").clone()
+                {
+                    return Ok(Some(digests));
+                }
+                self.load_known_digests().await
+            }
         }
-        let _loading = self.loading_known.lock().await;
-        if let Some(known) = self.known_digests.read().expect("directory lock poisoned").clone() {
-            return Ok(Some(known));
-        }
+    }
+
+    /// Loads the known set and keeps it unless a change overtook the load (then `None`).
+    async fn load_known_digests(&self) -> sqlx::Result<Option<Arc<KnownDigests>>> {
         let load = async {
             let digests = api_client::active_digests(&self.pool).await?;
             Ok::<_, sqlx::Error>(Arc::new(digests.into_iter().collect::<KnownDigests>()))
@@ -129,13 +169,28 @@ impl Directory {
         let mut kept = None;
         self.unless_overtaken(load, |known| kept = Some(Arc::clone(known))).await?;
         if let Some(known) = &kept {
-            *self.known_digests.write().expect("directory lock poisoned") = Some(Arc::clone(known));
+            *self.known_digests.write().expect("directory lock poisoned") =
+                Some(KnownSet { digests: Arc::clone(known), stale: false });
         }
         Ok(kept)
     }
 
-    fn forget_known_digests(&self) {
-        *self.known_digests.write().expect("directory lock poisoned") = None;
+    /// A client changed: its digest joins the known set (a key just created works at once) and the set is
+    /// marked stale, so it is reloaded without the digests of revoked keys. A set holding more digests than
+    /// are active only sends those keys to the database, which decides; it never admits one.
+    fn note_known_digest(&self, digest: &[u8; 32]) {
+        if let Some(known) = self.known_digests.write().expect("directory lock poisoned").as_mut() {
+            let mut digests = KnownDigests::clone(&known.digests);
+            digests.insert(*digest);
+            known.digests = Arc::new(digests);
+            known.stale = true;
+        }
+    }
+
+    fn mark_known_digests_stale(&self) {
+        if let Some(known) = self.known_digests.write().expect("directory lock poisoned").as_mut() {
+            known.stale = true;
+        }
     }
 
     /// The cached client for `digest`, without touching the database (the hot path).
@@ -216,7 +271,7 @@ impl Directory {
         self.generation.fetch_add(1, Ordering::AcqRel);
         match change {
             Change::Client(digest) => {
-                self.forget_known_digests();
+                self.note_known_digest(digest);
                 self.clients.invalidate(digest);
             }
             Change::Installation { account_id, .. } => self.installations.invalidate(account_id),
@@ -230,7 +285,7 @@ impl Directory {
 
     pub fn flush(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.forget_known_digests();
+        self.mark_known_digests_stale();
         self.clients.invalidate_all();
         self.installations.invalidate_all();
     }
@@ -378,6 +433,35 @@ mod tests {
         let failed = directory.unless_overtaken(async { Err::<&str, _>("query failed") }, |found| kept.push(*found));
         assert_eq!(failed.await, Err("query failed"));
         assert_eq!(kept, ["current"], "a failed load caches nothing");
+    }
+
+    #[tokio::test]
+    async fn after_a_flush_unknown_keys_are_refused_from_the_stale_set_while_the_database_is_down() {
+        // A database that refuses at once, so each attempt to reach it costs milliseconds.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(100))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        let directory = Directory::new(pool);
+        let known = [9_u8; 32];
+        *directory.known_digests.write().unwrap() =
+            Some(KnownSet { digests: Arc::new([known].into_iter().collect()), stale: false });
+        // The change listener was lost: changes may have been missed, and the database does not answer.
+        directory.flush();
+        let flood = (0..40_u8).map(|n| {
+            let directory = &directory;
+            async move { directory.client(&[n; 32]).await }
+        });
+        let answers = futures_util::future::join_all(flood).await;
+        assert!(!answers.iter().any(|a| matches!(a, Ok(Some(_)))), "an unknown key was admitted");
+        // At most one reload and ten lookups a second reach the database (and fail); before, every key did.
+        let refused = answers.iter().filter(|a| matches!(a, Ok(None))).count();
+        assert!(refused >= 25, "refused from the stale set: {refused} of 40");
+        // A known digest is never refused from the set: the database decides (and is down).
+        assert!(directory.client(&known).await.is_err());
+        // A client created elsewhere is never refused from the set: the database decides (and is down).
+        directory.apply(&Change::Client([1; 32]));
+        assert!(directory.client(&[1; 32]).await.is_err());
     }
 
     #[test]

@@ -83,10 +83,15 @@ async fn unknown_routes_and_methods_answer_problem_json() {
 #[tokio::test]
 async fn health_and_readiness_and_metrics_answer() {
     let app = spawn_app().await;
-    for base in [&app.public, &app.internal] {
+    // Readiness also says how many tokens the replica could serve without the database.
+    let expected = [
+        (&app.public, serde_json::json!({"database": true, "jwks": true, "tokens_in_memory": 0})),
+        (&app.internal, serde_json::json!({"database": true, "jwks": true, "tokens_in_memory": 0})),
+    ];
+    for (base, expected) in expected {
         assert_eq!(app.http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
         let ready: Value = app.http.get(format!("{base}/readyz")).send().await.unwrap().json().await.unwrap();
-        assert_eq!(ready, serde_json::json!({"database": true, "jwks": true}));
+        assert_eq!(ready, expected, "{base}");
     }
     app.install("acc-1").await;
     let metrics = app.http.get(format!("{}/metrics", app.internal)).send().await.unwrap().text().await.unwrap();
