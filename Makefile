@@ -19,11 +19,11 @@ run:
 	scripts/with-env.sh dev ./target/release/tokenvault serve
 
 test:
-	scripts/with-env.sh test $(CARGO) test --locked --all-targets
+	scripts/with-env.sh test $(CARGO) test --locked --workspace --all-targets
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 demo:
 	$(CARGO) build --release --locked

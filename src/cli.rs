@@ -14,6 +14,7 @@ use crate::settings::{Settings, Source};
 use crate::startup::Application;
 use crate::store::{self, api_client, installation};
 use crate::telemetry;
+use crate::trace_export::{ExportConfig, TraceExport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -304,7 +305,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sandbox(args) => {
             let source = Source::environment(cli.config.as_deref())?;
-            telemetry::init(crate::settings::log_format(&source)?);
+            telemetry::init(crate::settings::log_format(&source)?, None);
             return match &args.action {
                 None => crate::sandbox::serve(args.listen, Duration::from_secs(args.token_lifetime_secs)).await,
                 Some(SandboxAction::Install(to)) => {
@@ -322,7 +323,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let source = Source::environment(cli.config.as_deref())?;
-            telemetry::init(crate::settings::log_format(&source)?);
+            telemetry::init(crate::settings::log_format(&source)?, None);
             let pool = store::pool(&crate::settings::database_url(&source)?, 2)?;
             store::migrate(&pool).await?;
             println!("migrations applied");
@@ -331,10 +332,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     let settings = Settings::load(&Source::environment(cli.config.as_deref())?)?;
-    telemetry::init(settings.log_format);
+    if let Command::Serve = cli.command {
+        // Traces are exported by the server only: a CLI command's spans would be noise.
+        let export = match ExportConfig::from_env()? {
+            Some(config) => Some(TraceExport::start(&config)?),
+            None => None,
+        };
+        telemetry::init(settings.log_format, export.as_ref());
+        if export.is_some() {
+            tracing::info!("exporting traces over OTLP (OTEL_* variables)");
+        }
+        return Application::build(settings).await?.run_until_stopped().await;
+    }
+    telemetry::init(settings.log_format, None);
     match cli.command {
-        Command::Serve => Application::build(settings).await?.run_until_stopped().await,
-        Command::Migrate | Command::Sandbox(_) | Command::Healthcheck { .. } | Command::Openapi => {
+        Command::Serve | Command::Migrate | Command::Sandbox(_) | Command::Healthcheck { .. } | Command::Openapi => {
             unreachable!("handled above")
         }
         Command::Clients(command) => clients(command, &settings).await,

@@ -29,3 +29,4 @@ pub mod startup;
 pub mod store;
 pub mod strict_json;
 pub mod telemetry;
+pub mod trace_export;

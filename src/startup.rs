@@ -20,6 +20,7 @@ use crate::provider::Endpoint;
 use crate::routes::{self, AppState};
 use crate::settings::Settings;
 use crate::store;
+use crate::trace_export;
 
 /// How long a client may take to send its request headers (slow-loris defence).
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,7 +72,9 @@ struct InfoRootSpan;
 impl RootSpanBuilder for InfoRootSpan {
     fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
         let id = request_id_of(request);
-        tracing_actix_web::root_span!(request, request.id = %id)
+        let span = tracing_actix_web::root_span!(request, request.id = %id);
+        trace_export::adopt_remote_parent(&span, request.headers());
+        span
     }
 
     fn on_request_end<B: actix_web::body::MessageBody>(
@@ -83,11 +86,16 @@ impl RootSpanBuilder for InfoRootSpan {
 }
 
 /// Request spans at DEBUG for the internal listener, whose token path is the hot path: at INFO, building a
-/// span with a dozen fields per request costs as much as serving a cached token.
+/// span with a dozen fields per request costs as much as serving a cached token. While traces are exported
+/// they are at INFO, as on the public listener.
 struct DebugRootSpan;
 
 impl RootSpanBuilder for DebugRootSpan {
     fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
+        if trace_export::exporting() {
+            // Exported spans are wanted for every request, whatever the log level.
+            return InfoRootSpan::on_request_start(request);
+        }
         if !tracing::enabled!(tracing::Level::DEBUG) {
             return tracing::Span::none();
         }

@@ -1,20 +1,30 @@
 //! The tracing subscriber: JSON lines in production, human-readable in development; level from `RUST_LOG`.
 //! Nothing in this service logs a body, a token, a secret or an Authorization header.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::settings::LogFormat;
+use crate::trace_export::TraceExport;
 
 /// Installs the global subscriber, writing to stderr (stdout is reserved for command output such as a
-/// new service key). Safe to call once per process.
-pub fn init(format: LogFormat) {
+/// new service key), and with `export` the OpenTelemetry layer that sends spans over OTLP. Safe to call
+/// once per process.
+pub fn init(format: LogFormat, export: Option<&TraceExport>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
         // The span list too: a request's root span (its `request.id`) is seldom the current one.
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).with_span_list(true).boxed(),
+        LogFormat::Pretty => logs.pretty().boxed(),
     };
+    // RUST_LOG filters the logs only: exported spans are the request spans (INFO), whatever it says.
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(export.map(|export| export.layer().with_filter(LevelFilter::INFO)))
+        .try_init();
 }
 
 /// Bucket bounds (seconds) of every histogram: from half a millisecond (a cached token) to ten seconds

@@ -13,7 +13,7 @@ use serde_json::json;
 fn tokenvault() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
     for (name, _) in std::env::vars() {
-        if name == "DATABASE_URL" || name.starts_with("TOKENVAULT_") {
+        if name == "DATABASE_URL" || name.starts_with("TOKENVAULT_") || name.starts_with("OTEL_") {
             command.env_remove(name);
         }
     }
@@ -285,6 +285,16 @@ async fn serve_on(app: &TestApp, database_url: &str) -> (Served, u16, u16) {
 
 /// [`serve_on`], its log (at `info`) going to `log`.
 async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdio>) -> (Served, u16, u16) {
+    serve_with(app, database_url, log, &[]).await
+}
+
+/// [`serve_logging_to`] with more environment variables.
+async fn serve_with(
+    app: &TestApp,
+    database_url: &str,
+    log: impl Into<Stdio>,
+    vars: &[(&str, &str)],
+) -> (Served, u16, u16) {
     let (public, internal) = (free_port(), free_port());
     let mut child = tokenvault_for(app)
         .arg("serve")
@@ -292,6 +302,7 @@ async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdi
         .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
         .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
         .env("RUST_LOG", "info")
+        .envs(vars.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -985,4 +996,94 @@ async fn clients_rotate_prints_a_new_key_and_lists_and_the_audit_print_as_json_l
     assert_eq!(actions, [("CLIENT_ROTATED".into(), "cli".into()), ("CLIENT_CREATED".into(), "cli".into())]);
     let table = text(&run(tokenvault_for(&app).args(["audit", "list", "--action", "INSTALLED"])).stdout);
     assert!(table.contains("INSTALLED") && table.contains("callback") && !table.contains("CLIENT_"), "{table}");
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_request_spans_are_exported_in_the_callers_trace_and_hold_no_secret() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let app = spawn_app().await;
+    let credentials = app.install("acc-1").await;
+    let key = app.client(&["*"], &["*"], false).await;
+    // The collector: the outside world, at its HTTP boundary.
+    let collector = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/traces"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&collector)
+        .await;
+    let vars = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.uri()),
+        // JSON, so the test can read what was sent.
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        // The log level must not decide which requests are traced.
+        ("RUST_LOG", "warn".to_owned()),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (_served, _, internal) = serve_with(&app, &app.database_url, Stdio::null(), &vars).await;
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = app
+        .http
+        .post(format!("http://127.0.0.1:{internal}/v1/tokens"))
+        .bearer_auth(&key)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"account_id": "acc-1", "scopes": ["a"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let token = response.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+
+    let mut exported = String::new();
+    for _ in 0..100 {
+        let requests = collector.received_requests().await.unwrap_or_default();
+        exported = requests.iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+        if exported.contains(trace_id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exported.contains(trace_id), "no span of the caller's trace was exported: {exported}");
+    let requests = collector.received_requests().await.unwrap();
+    let batch = requests.iter().find(|r| text(&r.body).contains(trace_id)).unwrap();
+    let spans: serde_json::Value = serde_json::from_slice(&batch.body).unwrap();
+    let resource = &spans["resourceSpans"][0]["resource"]["attributes"];
+    assert!(
+        resource
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["key"] == "service.name" && a["value"]["stringValue"] == "tokenvault"),
+        "{resource}"
+    );
+    // The request's root span is the child of the caller's span; the upstream call is inside it.
+    let every_span: Vec<&serde_json::Value> = spans["resourceSpans"][0]["scopeSpans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|scope| scope["spans"].as_array().unwrap())
+        .collect();
+    let span = every_span
+        .iter()
+        .find(|span| span["traceId"] == trace_id && span["parentSpanId"] == "00f067aa0ba902b7")
+        .unwrap_or_else(|| panic!("no span is the child of the caller's: {spans}"));
+    assert_eq!(span["name"], "POST /v1/tokens", "{span}");
+    for secret in [&key, &token, &credentials.client_secret] {
+        assert!(!exported.contains(secret), "an exported span holds a secret");
+    }
+}
+
+#[test]
+fn an_otlp_protocol_that_is_not_built_in_stops_serve_naming_the_variable() {
+    let output = run(tokenvault()
+        .arg("serve")
+        .env("DATABASE_URL", "postgres://x")
+        .env("TOKENVAULT_ENCRYPTION_KEYS", format!("k:{}", tokenvault::crypto::generate_key()))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"), "{}", text(&output.stderr));
 }
