@@ -252,3 +252,24 @@ async fn rotation_reseals_delegated_refresh_tokens_and_they_still_refresh() {
     let form = app.upstream.calls.lock().unwrap()[0].clone();
     assert_eq!((form["grant_type"].as_str(), form["refresh_token"].as_str()), ("refresh_token", refresh.as_str()));
 }
+
+#[tokio::test]
+async fn a_secret_moved_from_another_providers_row_of_the_same_account_does_not_open() {
+    let (app, admin, key) = app().await;
+    app.install("acc-1").await;
+    assert_eq!(app.put_credentials(&admin, "acme", "acc-1", &body(&credentials())).await.status(), 201);
+    // Same account, same key ring: only the provider in the associated data tells the rows apart.
+    sqlx::query(
+        "update installation set client_secret_ciphertext =
+            (select client_secret_ciphertext from installation where provider = 'trackunit' and account_id = 'acc-1')
+         where provider = 'acme' and account_id = 'acc-1'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_problem(app.token(&key, &ask("acc-1")).await, 500, "credentials_unreadable").await;
+    assert_eq!(app.upstream.call_count(), 0);
+    // The row it was taken from still works.
+    let trackunit = json!({"account_id": "acc-1", "scopes": ["a"]});
+    assert_eq!(app.token(&key, &trackunit).await.status(), 200);
+}
