@@ -44,6 +44,14 @@ pub struct Directory {
     known_digests: RwLock<Option<KnownSet>>,
     /// Held while the set loads, so concurrent unknown keys share one load.
     loading_known: tokio::sync::Mutex<()>,
+    /// Finished attempts to load the set, so a request that queued behind a failed load does not repeat it.
+    known_loads_finished: AtomicU64,
+    /// Reloads a second of a stale set: with the database down, each attempt waits for a connection, so
+    /// only one request a second pays that while the others are refused from the stale set.
+    stale_reloads: PerSecond,
+    /// Database lookups a second of digests the known set lacks: a key created a moment ago on another
+    /// replica, whose NOTIFY has not arrived yet, still works at once; a flood of random keys stays at this.
+    unknown_lookups: PerSecond,
 }
 
 /// The key digests of every unrevoked client.
@@ -55,14 +63,6 @@ struct KnownSet {
     digests: Arc<KnownDigests>,
     stale: bool,
 }
-
-/// Reloads per second of a stale known set: with the database down, each attempt waits for a connection,
-/// so only one request a second pays that while the others are refused from the stale set.
-static STALE_RELOADS: PerSecond = PerSecond::new(1);
-
-/// Database lookups per second of digests the known set lacks: a key created a moment ago on another
-/// replica, whose NOTIFY has not arrived yet, still works at once; a flood of random keys stays at this.
-static UNKNOWN_LOOKUPS: PerSecond = PerSecond::new(10);
 
 /// A change notification, parsed.
 #[derive(Debug, PartialEq, Eq)]
@@ -101,17 +101,21 @@ impl Directory {
             generation: AtomicU64::new(0),
             known_digests: RwLock::new(None),
             loading_known: tokio::sync::Mutex::new(()),
+            known_loads_finished: AtomicU64::new(0),
+            stale_reloads: PerSecond::new(1),
+            unknown_lookups: PerSecond::new(10),
         }
     }
 
     /// The unrevoked client whose key hashes to `digest`. A digest that no unrevoked client has is refused
-    /// from the set of known digests, beyond a few database lookups a second ([`UNKNOWN_LOOKUPS`]) that let
-    /// a key created a moment ago work before its NOTIFY drops the set.
+    /// from the set of known digests, beyond a few database lookups a second (`unknown_lookups`) that let
+    /// a key created a moment ago on another replica work before its NOTIFY arrives.
     pub async fn client(&self, digest: &[u8; 32]) -> sqlx::Result<Option<Arc<ApiClient>>> {
         if let Some(client) = self.clients.get(digest) {
             return Ok(client.key_works(digest).then_some(client));
         }
-        if self.known_digests().await?.is_some_and(|known| !known.contains(digest)) && UNKNOWN_LOOKUPS.allow().is_none()
+        if self.known_digests().await?.is_some_and(|known| !known.contains(digest))
+            && self.unknown_lookups.allow().is_none()
         {
             return Ok(None);
         }
@@ -124,24 +128,25 @@ impl Directory {
         .await
     }
 
-    /// The set of every unrevoked client's digest, loading it when it is not held. `None` when a change
-    /// overtook the load (the set may be stale): the caller then asks the database about its one digest.
+    /// The set of every unrevoked client's digest, loading it when it is not held. `None` when no set
+    /// could be loaded: the caller then asks the database about its one digest.
     ///
-    /// A stale set (the change listener was lost, so a change may have been missed) is still used to
-    /// refuse, which it can only do wrongly for a key created in the gap, and that key gets the per-second
-    /// lookups. It is reloaded at most once a second by one request; while the database cannot answer, the
-    /// others are refused from it, so a flood of random keys during a database outage costs no query each.
+    /// A stale set (a change may have been missed: the change listener was lost, or a change overtook
+    /// the load) is still used to refuse, which it can only do wrongly for a key created in the gap, and
+    /// that key gets the per-second lookups. It is reloaded at most once a second by one request; while
+    /// the database cannot answer, the others are refused from it, so a flood of random keys during a
+    /// database outage costs no query each.
     async fn known_digests(&self) -> sqlx::Result<Option<Arc<KnownDigests>>> {
         let held = self.known_digests.read().expect("directory lock poisoned").clone();
         match held {
             Some(KnownSet { digests, stale: false }) => Ok(Some(digests)),
             Some(KnownSet { digests: stale, stale: true }) => {
                 let Ok(_loading) = self.loading_known.try_lock() else { return Ok(Some(stale)) };
-                if STALE_RELOADS.allow().is_none() {
+                if self.stale_reloads.allow().is_none() {
                     return Ok(Some(stale));
                 }
                 match self.load_known_digests().await {
-                    Ok(reloaded) => Ok(reloaded),
+                    Ok(reloaded) => Ok(Some(reloaded)),
                     Err(error) => {
                         tracing::debug!(error = %error, "reloading the known key digests failed; refusing from the last set");
                         Ok(Some(stale))
@@ -149,30 +154,38 @@ impl Directory {
                 }
             }
             None => {
+                let finished = self.known_loads_finished.load(Ordering::Acquire);
                 let _loading = self.loading_known.lock().await;
-                if let Some(KnownSet { digests, stale: false }) =
+                if let Some(KnownSet { digests, .. }) =
                     self.known_digests.read().expect("directory lock poisoned").clone()
                 {
                     return Ok(Some(digests));
                 }
-                self.load_known_digests().await
+                // A load failed while this request queued: repeating it one request after another would
+                // make each wait for a connection in turn while the database is down.
+                if self.known_loads_finished.load(Ordering::Acquire) != finished {
+                    return Ok(None);
+                }
+                self.load_known_digests().await.map(Some)
             }
         }
     }
 
-    /// Loads the known set and keeps it unless a change overtook the load (then `None`).
-    async fn load_known_digests(&self) -> sqlx::Result<Option<Arc<KnownDigests>>> {
-        let load = async {
-            let digests = api_client::active_digests(&self.pool).await?;
-            Ok::<_, sqlx::Error>(Arc::new(digests.into_iter().collect::<KnownDigests>()))
-        };
-        let mut kept = None;
-        self.unless_overtaken(load, |known| kept = Some(Arc::clone(known))).await?;
-        if let Some(known) = &kept {
-            *self.known_digests.write().expect("directory lock poisoned") =
-                Some(KnownSet { digests: Arc::clone(known), stale: false });
-        }
-        Ok(kept)
+    /// Loads the known set and keeps it, marked stale when a change overtook the load (it may lack a key
+    /// created meanwhile, whose NOTIFY found no set to join).
+    async fn load_known_digests(&self) -> sqlx::Result<Arc<KnownDigests>> {
+        let generation = self.generation();
+        let loaded = api_client::active_digests(&self.pool).await;
+        self.known_loads_finished.fetch_add(1, Ordering::AcqRel);
+        Ok(self.keep_known_digests(loaded?, generation))
+    }
+
+    fn keep_known_digests(&self, loaded: Vec<[u8; 32]>, generation_before_load: u64) -> Arc<KnownDigests> {
+        let digests = Arc::new(loaded.into_iter().collect::<KnownDigests>());
+        let stale = self.generation() != generation_before_load;
+        *self.known_digests.write().expect("directory lock poisoned") =
+            Some(KnownSet { digests: Arc::clone(&digests), stale });
+        digests
     }
 
     /// A client changed: its digest joins the known set (a key just created works at once) and the set is
@@ -437,12 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_flush_unknown_keys_are_refused_from_the_stale_set_while_the_database_is_down() {
-        // A database that refuses at once, so each attempt to reach it costs milliseconds.
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .acquire_timeout(Duration::from_millis(100))
-            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
-            .expect("a lazy pool");
-        let directory = Directory::new(pool);
+        let directory = unreachable_database_directory();
         let known = [9_u8; 32];
         *directory.known_digests.write().unwrap() =
             Some(KnownSet { digests: Arc::new([known].into_iter().collect()), stale: false });
@@ -462,6 +470,49 @@ mod tests {
         // A client created elsewhere is never refused from the set: the database decides (and is down).
         directory.apply(&Change::Client([1; 32]));
         assert!(directory.client(&[1; 32]).await.is_err());
+    }
+
+    /// A database that refuses at once, so each attempt to reach it costs milliseconds.
+    fn unreachable_database_directory() -> Directory {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(100))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        Directory::new(pool)
+    }
+
+    #[tokio::test]
+    async fn a_known_set_that_a_change_overtook_is_kept_stale_and_still_refuses_while_the_database_is_down() {
+        let directory = unreachable_database_directory();
+        let known = [9_u8; 32];
+        let generation = directory.generation();
+        // A client change arrives while the set's query runs; the set is then the database's answer.
+        directory.apply(&Change::Client([1; 32]));
+        directory.keep_known_digests(vec![known], generation);
+        let held = directory.known_digests.read().unwrap().clone().expect("the set is kept");
+        assert!(held.stale, "a change overtook the load: the set may lack a key");
+
+        let flood = (0..40_u8).map(|n| {
+            let directory = &directory;
+            async move { directory.client(&[n + 100; 32]).await }
+        });
+        let answers = futures_util::future::join_all(flood).await;
+        let refused = answers.iter().filter(|a| matches!(a, Ok(None))).count();
+        assert!(refused >= 25, "refused from the kept set: {refused} of 40");
+    }
+
+    #[tokio::test]
+    async fn requests_queued_behind_a_failed_first_load_of_the_set_do_not_each_repeat_it() {
+        let directory = unreachable_database_directory();
+        let queued = (0..20).map(|_| directory.known_digests());
+        let answers = futures_util::future::join_all(queued).await;
+        assert_eq!(
+            directory.known_loads_finished.load(Ordering::Acquire),
+            1,
+            "one load for the whole queue; one after another, each would wait for a connection"
+        );
+        assert!(answers[0].is_err(), "the load failed");
+        assert!(answers[1..].iter().all(|a| matches!(a, Ok(None))), "the others ask the database about their key");
     }
 
     #[test]

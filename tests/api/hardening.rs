@@ -362,10 +362,9 @@ async fn a_key_granted_one_app_gets_only_that_apps_tokens() {
 // 10. Unknown keys cost no query each
 // ---------------------------------------------------------------------------------------------------
 
+// Beside other tests, the client's own NOTIFY often arrives while the first unknown key loads the set. The
+// set was then dropped, and the flood's requests each waited for a connection in turn (2 s, 200 times).
 #[tokio::test]
-#[ignore = "passes alone but not beside the other API tests (a 400 s stall): under investigation, see issue 10; \
-            directory::tests::after_a_flush_unknown_keys_are_refused_from_the_stale_set_while_the_database_is_down \
-            covers the rule"]
 async fn a_flood_of_random_keys_is_refused_from_memory_with_the_database_down() {
     let app = spawn_app_with(Options { proxy_database: true, ..Options::default() }).await;
     let proxy = app.proxy.clone().unwrap();
