@@ -562,6 +562,39 @@ mod tests {
         assert_eq!(settings.rejected_probe_schedule.len(), 4);
     }
 
+    /// tokenvault.example.toml with every commented-out setting and the example provider switched on.
+    fn example_file_with_every_setting_on() -> String {
+        let text = include_str!("../tokenvault.example.toml");
+        let mut in_providers = false;
+        let mut lines = Vec::new();
+        for line in text.lines() {
+            in_providers |= line == "# [providers.example]";
+            let setting = line.strip_prefix("# ").filter(|rest| {
+                rest.split_once(" = ").is_some_and(|(key, _)| {
+                    !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                })
+            });
+            let table = line.strip_prefix("# ").filter(|rest| in_providers && rest.starts_with('['));
+            lines.push(setting.or(table).unwrap_or(line));
+        }
+        lines.join("\n")
+    }
+
+    #[test]
+    fn the_example_file_names_every_setting_and_its_shown_values_load() {
+        let text = example_file_with_every_setting_on();
+        for name in KNOWN_SETTINGS {
+            let key = format!("\n{} = ", name.to_ascii_lowercase());
+            assert!(text.contains(&key), "tokenvault.example.toml lacks {name}");
+        }
+        assert!(text.contains("\n[providers.example]\n"), "the provider example is switched on");
+        // The placeholder key is not a key: the environment wins over the file, as documented.
+        let env = HashMap::from([("TOKENVAULT_ENCRYPTION_KEYS".to_owned(), keys())]);
+        let settings = Settings::load(&Source::from_map_and_file(env, &text).unwrap()).unwrap();
+        assert_eq!(settings.apps.as_ref().map(|apps| apps.len()), Some(1));
+        assert!(settings.providers.get("example").is_some(), "the example provider loads");
+    }
+
     #[test]
     fn a_missing_or_malformed_setting_names_the_variable() {
         let keys = keys();

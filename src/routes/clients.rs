@@ -176,7 +176,7 @@ pub async fn revoke(
                    (default 86400, at most 30 days) so callers can roll over; a key still in the grace of an \
                    earlier rotation stops now. The body is optional. Audited as `CLIENT_ROTATED`.",
     params(("name" = String, Path, description = "The client's name.")),
-    request_body(content = openapi::RotateRequest, content_type = "application/json",
+    request_body(content = Option<openapi::RotateRequest>, content_type = "application/json",
                  example = json!({"grace_seconds": 3600})),
     responses((status = 200, description = "Rotated; the new key is shown this once.", body = openapi::CreatedClient),
                openapi::ClientNameProblems),

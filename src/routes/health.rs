@@ -42,8 +42,8 @@ async fn healthz() -> HttpResponse {
                    are loaded: what callbacks need. On the internal listener, ready while it can hand out tokens: \
                    the database answers, or memory holds tokens (served through a database outage, so an \
                    orchestrator does not take every replica out at once); the JWKS does not matter there. The \
-                   database's answer is from a probe at most a second old, shared by concurrent requests. The \
-                   503 is plain JSON, not a problem.",
+                   database's answer is from a probe at most a second old, shared by concurrent requests. \
+                   `tokens_in_memory` is on the internal listener only. The 503 is plain JSON, not a problem.",
     responses(
         (status = 200, description = "Ready.", body = openapi::Readiness,
          example = json!({"database": true, "jwks": true, "tokens_in_memory": 12})),
@@ -56,11 +56,15 @@ async fn readyz(state: web::Data<AppState>, listener: web::Data<super::observe::
     let task_state = web::Data::clone(&state);
     let database = super::offload(&state, async move { Ok(task_state.database.is_up().await) }).await.unwrap_or(false);
     let jwks = state.identity.keys().is_loaded();
-    let tokens = state.broker.tokens_in_memory();
-    let body = serde_json::json!({ "database": database, "jwks": jwks, "tokens_in_memory": tokens });
-    let ready = match **listener {
-        super::observe::Listener::Public => database && jwks,
-        super::observe::Listener::Internal => database || tokens > 0,
+    let (ready, body) = match **listener {
+        super::observe::Listener::Public => {
+            (database && jwks, serde_json::json!({ "database": database, "jwks": jwks }))
+        }
+        super::observe::Listener::Internal => {
+            let tokens = state.broker.tokens_in_memory();
+            let body = serde_json::json!({ "database": database, "jwks": jwks, "tokens_in_memory": tokens });
+            (database || tokens > 0, body)
+        }
     };
     if ready {
         HttpResponse::Ok().json(body)

@@ -4,7 +4,7 @@
 //! graceful stop); and its duration in `tokenvault_http_request_duration_seconds` by listener, route and
 //! status class.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Instant;
 
 use actix_web::HttpMessage;
@@ -36,8 +36,8 @@ pub async fn within_request<T>(id: RequestId, work: impl Future<Output = T>) -> 
 /// Which listener a request came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listener {
-    Public,
-    Internal,
+    Public = 0,
+    Internal = 1,
 }
 
 impl Listener {
@@ -97,11 +97,28 @@ fn status_class(status: u16) -> &'static str {
     }
 }
 
-/// The histogram of the hot path, registered once: a registry lookup per request costs about as much as
-/// the rest of a cached token's bookkeeping.
-static TOKENS_OK: LazyLock<metrics::Histogram> = LazyLock::new(
-    || metrics::histogram!("tokenvault_http_request_duration_seconds", "listener" => "internal", "route" => "/v1/tokens", "status_class" => "2xx"),
-);
+/// Routes without path parameters that answer most requests: the token route, probes and scrapes. A 2xx
+/// from one of them was routed there, so its path is its route and needs no lookup (which allocates).
+const FREQUENT_ROUTES: [&str; 4] = ["/v1/tokens", "/healthz", "/readyz", "/metrics"];
+
+/// Their 2xx histograms per listener, each registered on first use: a registry lookup per request costs
+/// about as much as the rest of a cached token's bookkeeping.
+static FREQUENT_OK: [[OnceLock<metrics::Histogram>; FREQUENT_ROUTES.len()]; 2] =
+    [const { [const { OnceLock::new() }; FREQUENT_ROUTES.len()] }; 2];
+
+/// The registered 2xx histogram of a frequent route, or `None` for any other path.
+fn frequent_ok(listener: Listener, path: &str) -> Option<&'static metrics::Histogram> {
+    let route = FREQUENT_ROUTES.iter().position(|route| *route == path)?;
+    let slot = &FREQUENT_OK[listener as usize][route];
+    Some(slot.get_or_init(|| {
+        metrics::histogram!(
+            "tokenvault_http_request_duration_seconds",
+            "listener" => listener.label(),
+            "route" => FREQUENT_ROUTES[route],
+            "status_class" => "2xx"
+        )
+    }))
+}
 
 /// The middleware: request id, in-flight count and request duration (see the module docs).
 pub fn middleware<S, B>(
@@ -126,9 +143,10 @@ where
             }
             let class = status_class(response.status().as_u16());
             let seconds = started.elapsed().as_secs_f64();
-            // The hot path without looking its route up (that allocates): its path is its route.
-            if listener == Listener::Internal && class == "2xx" && response.request().path() == "/v1/tokens" {
-                TOKENS_OK.record(seconds);
+            if let Some(histogram) =
+                (class == "2xx").then(|| frequent_ok(listener, response.request().path())).flatten()
+            {
+                histogram.record(seconds);
             } else {
                 let route = response.request().match_pattern().unwrap_or_else(|| "unmatched".into());
                 metrics::histogram!(

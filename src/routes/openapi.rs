@@ -378,7 +378,8 @@ pub enum HealthStatus {
     Ok,
 }
 
-/// What readiness depends on. Ready when both are true.
+/// What readiness depends on: on the public listener, both `database` and `jwks`; on the internal one,
+/// `database`, or tokens in memory.
 #[derive(ToSchema)]
 #[expect(dead_code, reason = "a documentation type: described, never built")]
 pub struct Readiness {
@@ -386,8 +387,9 @@ pub struct Readiness {
     database: bool,
     /// Trackunit's signing keys (JWKS) are loaded.
     jwks: bool,
-    /// Access tokens this replica holds in memory.
-    tokens_in_memory: u64,
+    /// Access tokens this replica holds in memory. Internal listener only: the public one does not say
+    /// how busy the replica is.
+    tokens_in_memory: Option<u64>,
 }
 
 /// The body Trackunit sends, by `type`: `INSTALLED`, `UNINSTALLED`, or any other type (recorded, nothing

@@ -122,6 +122,22 @@ async fn a_rotated_key_keeps_working_for_its_grace_period_and_the_new_one_at_onc
 }
 
 #[tokio::test]
+async fn a_rotation_needs_no_body_as_the_document_says_and_keeps_the_old_key_a_day() {
+    let (app, admin) = admin_app().await;
+    create(&app, &admin, &json!({"name": "svc", "accounts": ["*"], "scopes": ["*"]})).await;
+    let rotated = app.http.post(url(&app, "/v1/clients/svc/rotate")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(rotated.status(), 200);
+    let rotated: Value = rotated.json().await.unwrap();
+    let grace_end = chrono::DateTime::parse_from_rfc3339(rotated["previous_key_expires_at"].as_str().unwrap()).unwrap();
+    let grace = grace_end.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    assert!((grace - chrono::Duration::hours(24)).num_seconds().abs() < 60, "the default grace is 24 h: {grace}");
+
+    let document: Value = app.http.get(url(&app, "/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let body = &document["paths"]["/v1/clients/{name}/rotate"]["post"]["requestBody"];
+    assert!(body.is_object() && body["required"] != json!(true), "the document marks the body optional: {body}");
+}
+
+#[tokio::test]
 async fn a_key_with_an_expiry_stops_working_then() {
     let (app, admin) = admin_app().await;
     app.install("acc-1").await;
