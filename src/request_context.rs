@@ -28,6 +28,11 @@ pub fn current() -> Context {
     CONTEXT.try_with(|context| context.borrow().clone()).unwrap_or_default()
 }
 
+/// The current task's request id, if it answers a request (every log line carries it).
+pub fn request_id() -> Option<Arc<str>> {
+    CONTEXT.try_with(|context| context.borrow().request_id.clone()).ok().flatten()
+}
+
 /// Names who acts for the rest of the current task's work.
 pub fn set_actor(actor: impl Into<Arc<str>>) {
     let _ = CONTEXT.try_with(|context| context.borrow_mut().actor = Some(actor.into()));

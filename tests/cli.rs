@@ -667,8 +667,8 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
     let key = app.client(&["*"], &["*"], false).await;
     app.upstream.set(vec![Upstream::Mint { expires_in: 6 }]);
     let log_path = std::env::temp_dir().join(format!("tokenvault-degraded-{}.log", uuid::Uuid::new_v4().simple()));
-    let (mut child, _, internal) =
-        serve_logging_to(&app, &app.database_url, std::fs::File::create(&log_path).unwrap()).await;
+    let log = std::fs::File::create(&log_path).unwrap();
+    let (mut child, _, internal) = serve_with(&app, &app.database_url, log, &[("TOKENVAULT_LOG_FORMAT", "json")]).await;
     let base = format!("http://127.0.0.1:{internal}");
     let ask = |min_ttl: u64| {
         let body = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": min_ttl});
@@ -682,7 +682,9 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
     // 2.5 s left is short of the 3 s asked (min(4 s, half of 6 s)): a mint is due, and it fails.
     app.upstream.set(vec![Upstream::Fail { status: 503, body: json!({}) }]);
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let response = ask(4).await;
+    let body = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": 4});
+    let request = app.http.post(format!("{base}/v1/tokens")).bearer_auth(&key).header("X-Request-Id", "degraded-1");
+    let response = request.json(&body).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let served: serde_json::Value = response.json().await.unwrap();
     assert_eq!(served["access_token"], first["access_token"], "the still-valid token");
@@ -691,11 +693,11 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
     let _ = child.wait();
     let log = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
-    assert!(
-        log.lines()
-            .any(|line| line.contains("WARN") && line.contains("serving a still-valid token while the upstream fails")),
-        "no warning in the log:\n{log}"
-    );
+    let warning = log.lines().find(|line| line.contains("serving a still-valid token while the upstream fails"));
+    let warning: serde_json::Value = serde_json::from_str(warning.expect("a warning in the log")).unwrap();
+    assert_eq!(warning["level"], "WARN");
+    // On the internal listener too (no request span there at INFO), the line names its request.
+    assert_eq!(warning["request_id"], "degraded-1", "{warning}");
 }
 
 #[tokio::test]
