@@ -217,22 +217,24 @@ impl Directory {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
-                let used: Vec<uuid::Uuid> = self
-                    .clients
-                    .iter()
-                    .filter(|(_, client)| client.usage.take())
-                    .map(|(_, client)| client.id)
-                    .collect();
-                if !used.is_empty()
-                    && let Err(error) = api_client::record_usage(&self.pool, &used).await
-                {
-                    tracing::debug!(error = %error, "recording key usage failed");
-                }
+                self.record_usage().await;
                 if let Err(error) = self.audit_expired_keys().await {
                     tracing::debug!(error = %error, "auditing expired keys failed");
                 }
             }
         })
+    }
+
+    /// Writes down that the clients marked since the last time used their keys (every minute, and when
+    /// `serve` stops).
+    pub async fn record_usage(&self) {
+        let used: Vec<uuid::Uuid> =
+            self.clients.iter().filter(|(_, client)| client.usage.take()).map(|(_, client)| client.id).collect();
+        if !used.is_empty()
+            && let Err(error) = api_client::record_usage(&self.pool, &used).await
+        {
+            tracing::debug!(error = %error, "recording key usage failed");
+        }
     }
 
     async fn audit_expired_keys(&self) -> sqlx::Result<()> {

@@ -34,6 +34,8 @@ pub struct Application {
     public: Server,
     internal: Server,
     pool: PgPool,
+    /// Its marks of used keys are written down once more when the process stops.
+    directory: Arc<Directory>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -231,7 +233,7 @@ impl Application {
             database: crate::readiness::DatabaseProbe::of_pool(pool.clone()),
             broker,
             providers: Arc::new(settings.providers.clone()),
-            directory,
+            directory: Arc::clone(&directory),
             apps: settings.apps.clone(),
             metrics: crate::telemetry::metrics_handle(),
             openapi: routes::openapi::document_json().context("cannot serialize the OpenAPI document")?,
@@ -285,7 +287,17 @@ impl Application {
 
         tracing::info!(public.port = public_port, internal.port = internal_port, "tokenvault listening");
         let shutdown_grace = settings.shutdown_grace;
-        Ok(Self { in_flight, shutdown_grace, public_port, internal_port, public, internal, pool, background })
+        Ok(Self {
+            in_flight,
+            shutdown_grace,
+            public_port,
+            internal_port,
+            public,
+            internal,
+            pool,
+            directory,
+            background,
+        })
     }
 
     pub fn public_port(&self) -> u16 {
@@ -330,6 +342,10 @@ impl Application {
         };
         for task in self.background {
             task.abort();
+        }
+        // The uses of keys since the last minute's write, so a replica that stops loses none of them.
+        if tokio::time::timeout(Duration::from_secs(2), self.directory.record_usage()).await.is_err() {
+            tracing::debug!("recording key usage at stop timed out");
         }
         self.pool.close().await;
         public_result.context("the public server failed")?;

@@ -214,6 +214,26 @@ async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
 }
 
 #[tokio::test]
+async fn the_keys_used_since_the_last_minutes_write_are_written_down_when_serve_stops() {
+    let app = spawn_app().await;
+    app.install("acc-1").await;
+    let used = app.client(&["*"], &["*"], false).await;
+    app.client(&["*"], &["*"], false).await;
+    let (mut child, _, internal) = serve(&app).await;
+    let (base, body) = (format!("http://127.0.0.1:{internal}"), json!({"account_id": "acc-1", "scopes": ["a"]}));
+    assert_eq!(app.token_at(&base, &used, &body).await.status(), 200);
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let listed = text(&run(tokenvault_for(&app).args(["clients", "list", "--output", "json"])).stdout);
+    let clients = listed.lines().map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap());
+    let mut last_used: Vec<bool> = clients.map(|client| client["last_used_at"].is_string()).collect();
+    last_used.sort();
+    assert_eq!(last_used, [false, true], "the used key only, well before a minute passed: {listed}");
+}
+
+#[tokio::test]
 async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows() {
     let app = spawn_app().await;
     app.install("acc-1").await;

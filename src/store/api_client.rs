@@ -244,12 +244,14 @@ pub async fn rotate(
     Ok(result.rows_affected() == 1)
 }
 
-/// Writes down that the clients `ids` used their keys now.
+/// Writes down that the clients `ids` used their keys now. A client's row is written at most once a
+/// minute whatever the number of replicas: a use within a minute of the recorded one changes nothing.
 pub async fn record_usage(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(
         "insert into api_client_usage (client_id, last_used_at) select used.id, now() from unnest($1::uuid[]) as used(id)
          where exists (select 1 from api_client where api_client.id = used.id)
-         on conflict on constraint api_client_usage_pkey do update set last_used_at = excluded.last_used_at",
+         on conflict on constraint api_client_usage_pkey do update set last_used_at = excluded.last_used_at
+         where api_client_usage.last_used_at <= excluded.last_used_at - interval '1 minute'",
     )
     .bind(ids)
     .execute(pool)

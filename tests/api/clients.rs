@@ -138,6 +138,34 @@ async fn a_rotation_needs_no_body_as_the_document_says_and_keeps_the_old_key_a_d
 }
 
 #[tokio::test]
+async fn a_keys_use_is_written_down_at_most_once_a_minute_whatever_the_replicas() {
+    let app = spawn_app().await;
+    app.client(&["*"], &["*"], false).await;
+    let id: uuid::Uuid = sqlx::query_scalar("select id from api_client").fetch_one(&app.pool).await.unwrap();
+    let last_used = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "select last_used_at from api_client_usage where client_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(last_used().await, None, "never used");
+    // Each replica writes the keys it saw used every minute; here, two replicas one after the other.
+    tokenvault::store::api_client::record_usage(&app.pool, &[id]).await.unwrap();
+    let first = last_used().await.expect("written down");
+    tokenvault::store::api_client::record_usage(&app.pool, &[id]).await.unwrap();
+    assert_eq!(last_used().await, Some(first), "within a minute of the last write, the row is left alone");
+    sqlx::query("update api_client_usage set last_used_at = last_used_at - interval '61 seconds'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    tokenvault::store::api_client::record_usage(&app.pool, &[id]).await.unwrap();
+    assert!(last_used().await.unwrap() > first - chrono::Duration::seconds(61), "a minute on, it is written again");
+}
+
+#[tokio::test]
 async fn a_key_with_an_expiry_stops_working_then() {
     let (app, admin) = admin_app().await;
     app.install("acc-1").await;
