@@ -5,81 +5,44 @@
 #[path = "api/helpers.rs"]
 #[allow(dead_code, reason = "shared helpers; this binary uses a subset")]
 mod helpers;
+#[path = "support/process.rs"]
+#[allow(dead_code, reason = "shared with the binary's tests")]
+mod process;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use helpers::*;
+use process::*;
 use tokenvault_client::{Error, TokenRequest, TokenvaultClient};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// A `tokenvault serve` process, killed when dropped.
-struct Served {
-    child: std::process::Child,
-    /// The internal listener's base URL.
+/// A `tokenvault serve` process (killed when dropped) and its listeners' base URLs.
+struct Running {
+    _process: Served,
     internal: String,
-    /// The public listener's base URL.
     public: String,
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Starts `tokenvault serve` with the settings of `app` (its database, key ring and fake Trackunit) and
-/// `vars` on top, and waits until it is ready.
-async fn serve(app: &TestApp, vars: &[(&str, &str)]) -> Served {
-    let (public, internal) = (free_port(), free_port());
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    for (name, _) in std::env::vars() {
-        if name == "DATABASE_URL" || name.starts_with("TOKENVAULT_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .arg("serve")
-        .env("DATABASE_URL", &app.database_url)
-        .env("TOKENVAULT_ENCRYPTION_KEYS", &app.encryption_keys)
-        .env("TOKENVAULT_TRACKUNIT_JWKS_URL", format!("{}/jwks", app.trackunit.uri()))
-        .env("TOKENVAULT_TRACKUNIT_TOKEN_URL", format!("{}/apptoken", app.trackunit.uri()))
-        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-        .env("TOKENVAULT_LOG_FORMAT", "pretty")
-        .env("RUST_LOG", "warn")
-        .envs(vars.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let served = Served {
-        child: command.spawn().unwrap(),
+/// Starts `tokenvault serve` with the settings of `app` and `vars` on top, and waits until it is ready.
+async fn serve(app: &TestApp, vars: &[(&str, &str)]) -> Running {
+    let (process, public, internal) = serve_with(app, &app.database_url, Stdio::null(), vars).await;
+    Running {
+        _process: process,
         internal: format!("http://127.0.0.1:{internal}"),
         public: format!("http://127.0.0.1:{public}"),
-    };
-    for _ in 0..100 {
-        let ready = app.http.get(format!("{}/readyz", served.public)).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            return served;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("serve did not become ready");
 }
 
 /// The process's `tokenvault_token_requests_total{outcome="…"}`: token requests it answered so.
-async fn answered(app: &TestApp, served: &Served, outcome: &str) -> u64 {
+async fn answered(app: &TestApp, served: &Running, outcome: &str) -> u64 {
     let series = format!("tokenvault_token_requests_total{{outcome=\"{outcome}\"}}");
     let text = app.http.get(format!("{}/metrics", served.internal)).send().await.unwrap().text().await.unwrap();
     text.lines().find_map(|line| line.strip_prefix(&series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
 }
 
-fn client(served: &Served, key: &str) -> TokenvaultClient {
+fn client(served: &Running, key: &str) -> TokenvaultClient {
     TokenvaultClient::builder(&served.internal).service_key(key).build().unwrap()
 }
 
