@@ -134,7 +134,10 @@ pub enum KeysCommand {
         dry_run: bool,
     },
     /// How many stored secrets each key id protects, so you know when an old key can be dropped.
-    Status,
+    Status {
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -364,7 +367,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Identity(IdentityCommand::Claims { output }) => identity_claims(&settings, output).await,
         Command::Audit(AuditCommand::List(filter)) => audit_list(&settings, filter).await,
         Command::Keys(KeysCommand::Rotate { batch_size, dry_run }) => rotate(&settings, batch_size, dry_run).await,
-        Command::Keys(KeysCommand::Status) => key_status(&settings).await,
+        Command::Keys(KeysCommand::Status { output }) => key_status(&settings, output).await,
         Command::Keys(KeysCommand::Generate { .. }) => unreachable!("handled above"),
     }
 }
@@ -431,34 +434,59 @@ async fn rotate(settings: &Settings, batch_size: i64, dry_run: bool) -> anyhow::
     )
 }
 
-async fn key_status(settings: &Settings) -> anyhow::Result<()> {
+/// One key id's line of `keys status`.
+#[derive(serde::Serialize)]
+struct KeyIdUsage {
+    key_id: String,
+    /// `primary`, `yes` (another key of the ring) or `missing` (not in the ring: those rows cannot be read).
+    in_ring: &'static str,
+    installations: i64,
+    cached_tokens: i64,
+    refresh_tokens: i64,
+}
+
+async fn key_status(settings: &Settings, output: Output) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database_url, 2)?;
     let usage = installation::key_usage(&pool).await?;
     let ring = &settings.encryption_keys;
-    println!(
-        "{:<34} {:<10} {:>14} {:>14} {:>15}",
-        "KEY ID", "IN RING", "INSTALLATIONS", "CACHED TOKENS", "REFRESH TOKENS"
-    );
     let mut ids: Vec<String> = ring.ids().iter().map(|id| id.as_str().to_owned()).collect();
     for (id, _, _) in &usage {
         if !ids.contains(id) {
             ids.push(id.clone());
         }
     }
-    for id in ids {
-        let count = |table: &str| usage.iter().find(|(k, t, _)| *k == id && t == table).map_or(0, |(_, _, n)| *n);
-        let in_ring = if ring.primary_id().as_str() == id {
-            "primary"
-        } else if ring.contains(&id) {
-            "yes"
-        } else {
-            "MISSING"
-        };
+    let lines: Vec<KeyIdUsage> = ids
+        .into_iter()
+        .map(|id| {
+            let count = |table: &str| usage.iter().find(|(k, t, _)| *k == id && t == table).map_or(0, |(_, _, n)| *n);
+            let in_ring = if ring.primary_id().as_str() == id {
+                "primary"
+            } else if ring.contains(&id) {
+                "yes"
+            } else {
+                "missing"
+            };
+            KeyIdUsage {
+                in_ring,
+                installations: count("installation"),
+                cached_tokens: count("token_cache"),
+                refresh_tokens: count("refresh_token"),
+                key_id: id,
+            }
+        })
+        .collect();
+    if output == Output::Json {
+        return print_json_lines(&lines);
+    }
+    println!(
+        "{:<34} {:<10} {:>14} {:>14} {:>15}",
+        "KEY ID", "IN RING", "INSTALLATIONS", "CACHED TOKENS", "REFRESH TOKENS"
+    );
+    for line in lines {
+        let in_ring = if line.in_ring == "missing" { "MISSING" } else { line.in_ring };
         println!(
-            "{id:<34} {in_ring:<10} {:>14} {:>14} {:>15}",
-            count("installation"),
-            count("token_cache"),
-            count("refresh_token")
+            "{:<34} {in_ring:<10} {:>14} {:>14} {:>15}",
+            line.key_id, line.installations, line.cached_tokens, line.refresh_tokens
         );
     }
     Ok(())

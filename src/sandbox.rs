@@ -68,6 +68,13 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// The URL tokenvault reaches the sandbox at, listening on `address` (its `port` picked): loopback for an
+/// unspecified address, and an IPv6 address in brackets.
+fn advertised_base(address: SocketAddr, port: u16) -> String {
+    let ip = if address.ip().is_unspecified() { std::net::Ipv4Addr::LOCALHOST.into() } else { address.ip() };
+    format!("http://{}", SocketAddr::new(ip, port))
+}
+
 /// Serves the sandbox on `address` until the process ends; prints the settings that point tokenvault at it.
 pub async fn serve(address: SocketAddr, token_lifetime: Duration) -> anyhow::Result<()> {
     let key = Ed25519KeyPair::generate().map_err(|_| anyhow::anyhow!("cannot generate the sandbox's signing key"))?;
@@ -82,15 +89,12 @@ pub async fn serve(address: SocketAddr, token_lifetime: Duration) -> anyhow::Res
     });
     let listener = std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))?;
     let port = listener.local_addr()?.port();
-    let host = match address.ip() {
-        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
-        ip => ip.to_string(),
-    };
-    println!("tokenvault sandbox: a local stand-in for Trackunit on http://{host}:{port}");
+    let base = advertised_base(address, port);
+    println!("tokenvault sandbox: a local stand-in for Trackunit on {base}");
     println!("Point tokenvault at it with:");
-    println!("  export TOKENVAULT_TRACKUNIT_JWKS_URL=http://{host}:{port}/jwks");
-    println!("  export TOKENVAULT_TRACKUNIT_TOKEN_URL=http://{host}:{port}/apptoken");
-    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+    println!("  export TOKENVAULT_TRACKUNIT_JWKS_URL={base}/jwks");
+    println!("  export TOKENVAULT_TRACKUNIT_TOKEN_URL={base}/apptoken");
+    if !address.ip().is_loopback() && !address.ip().is_unspecified() {
         println!("  export TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS=true   # development only");
     }
     println!("Then send an install:  tokenvault sandbox install --url http://127.0.0.1:8080 --account demo-account");
@@ -234,6 +238,15 @@ pub async fn send(sandbox_url: &str, action: &str, url: &str, app: &str, account
 mod tests {
     use super::*;
     use crate::identity::{Policy, parse_jwks, verify_with};
+
+    #[test]
+    fn the_printed_url_is_loopback_for_an_unspecified_address_and_brackets_ipv6() {
+        let base = |address: &str| advertised_base(address.parse().unwrap(), 8090);
+        assert_eq!(base("0.0.0.0:0"), "http://127.0.0.1:8090");
+        assert_eq!(base("[::]:0"), "http://127.0.0.1:8090");
+        assert_eq!(base("[::1]:8090"), "http://[::1]:8090");
+        assert_eq!(base("10.1.2.3:8090"), "http://10.1.2.3:8090");
+    }
 
     #[test]
     fn tokens_the_sandbox_signs_verify_against_its_jwks() {

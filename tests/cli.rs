@@ -3,34 +3,16 @@
 #[path = "api/helpers.rs"]
 #[allow(dead_code, reason = "shared helpers; this binary uses a subset")]
 mod helpers;
+#[path = "support/process.rs"]
+#[allow(dead_code, reason = "shared with the client crate's tests")]
+mod process;
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use helpers::*;
+use process::*;
 use serde_json::json;
-
-fn tokenvault() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
-    for (name, _) in std::env::vars() {
-        if name == "DATABASE_URL" || name.starts_with("TOKENVAULT_") || name.starts_with("OTEL_") {
-            command.env_remove(name);
-        }
-    }
-    command.env("TOKENVAULT_LOG_FORMAT", "pretty");
-    command
-}
-
-/// The command with the settings of `app` (its database, key ring and fake Trackunit).
-fn tokenvault_for(app: &TestApp) -> Command {
-    let mut command = tokenvault();
-    command
-        .env("DATABASE_URL", &app.database_url)
-        .env("TOKENVAULT_ENCRYPTION_KEYS", &app.encryption_keys)
-        .env("TOKENVAULT_TRACKUNIT_JWKS_URL", format!("{}/jwks", app.trackunit.uri()))
-        .env("TOKENVAULT_TRACKUNIT_TOKEN_URL", format!("{}/apptoken", app.trackunit.uri()));
-    command
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -181,10 +163,6 @@ async fn migrate_applies_the_embedded_migrations_to_an_empty_database() {
     drop_database(&database);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn serve_finishes_in_flight_requests_on_sigterm_then_exits_0() {
     let app = spawn_app().await;
@@ -245,6 +223,17 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
         text(&run(tokenvault_for(&app).args(["keys", "status"]).env("TOKENVAULT_ENCRYPTION_KEYS", &ring)).stdout);
     let line = status.lines().find(|l| l.starts_with("test ")).unwrap_or_default();
     assert!(line.contains("yes") && line.split_whitespace().nth(2) == Some("2"), "{status}");
+    let status =
+        run(tokenvault_for(&app).args(["keys", "status", "--output", "json"]).env("TOKENVAULT_ENCRYPTION_KEYS", &ring));
+    let lines: Vec<serde_json::Value> =
+        text(&status.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(
+        lines,
+        [
+            json!({"key_id": "next", "in_ring": "primary", "installations": 0, "cached_tokens": 0, "refresh_tokens": 0}),
+            json!({"key_id": "test", "in_ring": "yes", "installations": 2, "cached_tokens": 0, "refresh_tokens": 0}),
+        ]
+    );
 
     let broken = app.break_credentials("acc-2").await;
     let before = app.snapshot().await;
@@ -270,29 +259,6 @@ async fn keys_status_and_rotate_report_per_key_counts_and_name_unreadable_rows()
     assert!(next_line.contains("primary") && next_line.split_whitespace().nth(2) == Some("1"), "{status}");
 }
 
-/// A `tokenvault serve` process, killed when dropped: a test that fails half-way leaves none behind.
-struct Served(std::process::Child);
-
-impl std::ops::Deref for Served {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Served {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `tokenvault serve` for `app` on free ports and waits until it answers; returns it and its ports.
 async fn serve(app: &TestApp) -> (Served, u16, u16) {
     serve_on(app, &app.database_url).await
@@ -306,37 +272,6 @@ async fn serve_on(app: &TestApp, database_url: &str) -> (Served, u16, u16) {
 /// [`serve_on`], its log (at `info`) going to `log`.
 async fn serve_logging_to(app: &TestApp, database_url: &str, log: impl Into<Stdio>) -> (Served, u16, u16) {
     serve_with(app, database_url, log, &[]).await
-}
-
-/// [`serve_logging_to`] with more environment variables.
-async fn serve_with(
-    app: &TestApp,
-    database_url: &str,
-    log: impl Into<Stdio>,
-    vars: &[(&str, &str)],
-) -> (Served, u16, u16) {
-    let (public, internal) = (free_port(), free_port());
-    let mut child = tokenvault_for(app)
-        .arg("serve")
-        .env("DATABASE_URL", database_url)
-        .env("TOKENVAULT_PUBLIC_ADDR", format!("127.0.0.1:{public}"))
-        .env("TOKENVAULT_INTERNAL_ADDR", format!("127.0.0.1:{internal}"))
-        .env("RUST_LOG", "info")
-        .envs(vars.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        let ready = app.http.get(format!("http://127.0.0.1:{public}/readyz")).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            return (Served(child), public, internal);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("serve did not become ready");
 }
 
 #[tokio::test]
