@@ -40,18 +40,20 @@ pub struct Plan {
 }
 
 pub async fn plan(pool: &PgPool, keys: &KeyRing) -> sqlx::Result<Plan> {
-    let (installations, cached_tokens, refresh_tokens, expired_tokens): (i64, i64, i64, i64) = sqlx::query_as(
-        "select
-             (select count(*) from installation where key_id is not null and (key_id <> $1 or aad_version < $2)),
-             (select count(*) from token_cache where (key_id <> $1 or aad_version < $2)
-                  and not (expires_at < now() and refresh_token_ciphertext is null)),
-             (select count(*) from refresh_token where key_id <> $1 or aad_version < $2),
-             (select count(*) from token_cache where expires_at < now() and refresh_token_ciphertext is null)",
-    )
-    .bind(keys.primary_id().as_str())
-    .bind(AadVersion::CURRENT.as_column())
-    .fetch_one(pool)
-    .await?;
+    // The rotation deletes the spent cached tokens first, then re-seals the rest.
+    let spent = token_cache::SPENT;
+    let (installations, cached_tokens, refresh_tokens, expired_tokens): (i64, i64, i64, i64) =
+        sqlx::query_as(&format!(
+            "select
+                 (select count(*) from installation where key_id is not null and (key_id <> $1 or aad_version < $2)),
+                 (select count(*) from token_cache where (key_id <> $1 or aad_version < $2) and not ({spent})),
+                 (select count(*) from refresh_token where key_id <> $1 or aad_version < $2),
+                 (select count(*) from token_cache where {spent})"
+        ))
+        .bind(keys.primary_id().as_str())
+        .bind(AadVersion::CURRENT.as_column())
+        .fetch_one(pool)
+        .await?;
     Ok(Plan { installations, cached_tokens, refresh_tokens, expired_tokens })
 }
 

@@ -103,15 +103,16 @@ pub struct KeyedRow {
     pub row: CachedTokenRow,
 }
 
+/// The rows of no further use: the access token expired, and no refresh token that may still work is
+/// kept with it (one without an expiry is kept 30 days). `delete_expired` deletes them, and
+/// `keys rotate --dry-run` counts them with the same predicate.
+pub const SPENT: &str = "expires_at < now()
+    and (refresh_token_ciphertext is null or coalesce(refresh_expires_at, expires_at + interval '30 days') < now())";
+
 /// Deletes tokens that have expired and hold no refresh token that may still be spent: they can never be
 /// served again, and they would keep an old key in use.
 pub async fn delete_expired(conn: &mut PgConnection) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
-        "delete from token_cache where expires_at < now()
-             and (refresh_token_ciphertext is null or coalesce(refresh_expires_at, expires_at + interval '30 days') < now())",
-    )
-    .execute(conn)
-    .await?;
+    let deleted = sqlx::query(&format!("delete from token_cache where {SPENT}")).execute(conn).await?;
     Ok(deleted.rows_affected())
 }
 

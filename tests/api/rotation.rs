@@ -126,3 +126,34 @@ async fn rotation_names_rows_it_cannot_decrypt_and_leaves_them_untouched() {
     let again = rotation::rotate(&app.pool, &ring, 1, |_, _| {}).await.unwrap();
     assert_eq!((again.installations, again.unreadable_installations), (0, vec![broken]));
 }
+
+#[tokio::test]
+async fn a_dry_run_plans_exactly_what_the_rotation_then_does() {
+    let app = spawn_app().await; // sealing under the key "test"
+    let key = app.client(&["*"], &["*"], false).await;
+    for account in ["acc-0", "acc-1", "acc-2"] {
+        app.install(account).await;
+        assert_eq!(app.token(&key, &token_request(account)).await.status(), 200);
+    }
+    // acc-1's token expired with nothing to renew it; acc-2's too, and its refresh token expired as well.
+    let expire = "update token_cache set expires_at = now() - interval '1 hour', issued_at = now() - interval '2 hours'
+                  from installation i where i.id = token_cache.installation_id and i.account_id = $1";
+    sqlx::query(expire).bind("acc-1").execute(&app.pool).await.unwrap();
+    sqlx::query(expire).bind("acc-2").execute(&app.pool).await.unwrap();
+    sqlx::query(
+        "update token_cache set refresh_token_ciphertext = '\\x00', refresh_expires_at = now() - interval '1 minute'
+         from installation i where i.id = token_cache.installation_id and i.account_id = 'acc-2'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let ring = KeyRing::parse(&format!("next:{},{}", generate_key(), app.encryption_keys)).unwrap();
+    let plan = rotation::plan(&app.pool, &ring).await.unwrap();
+    let report = rotation::rotate(&app.pool, &ring, 10, |_, _| {}).await.unwrap();
+    assert!(report.unreadable_tokens.is_empty(), "{report:?}");
+    let done = (report.installations, report.cached_tokens, report.expired_tokens_deleted);
+    let planned = (plan.installations as u64, plan.cached_tokens as u64, plan.expired_tokens as u64);
+    assert_eq!(planned, done, "the dry run says what the rotation does: {plan:?}");
+    assert_eq!(done, (3, 1, 2));
+}
