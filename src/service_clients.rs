@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::domain::{Scope, ServiceKey, TextField};
 use crate::store::api_client::{self, ApiClient, CreateError, Grants, WILDCARD};
@@ -59,11 +59,14 @@ impl NewClient {
     }
 }
 
-/// Creates `new` with a fresh key; returns the client and its key (show it once).
+/// Creates `new` with a fresh key; returns the client and its key (show it once). The change and its
+/// audit entry are one transaction, as for rotate and revoke: no change without its entry.
 pub async fn create(pool: &PgPool, new: &NewClient) -> Result<(ApiClient, ServiceKey), CreateError> {
     let key = ServiceKey::generate();
-    let client = api_client::create_expiring(pool, &new.name, &key.sha256(), &new.grants, new.expires_at).await?;
-    audit_client(pool, "CLIENT_CREATED", "created", &new.name).await?;
+    let mut tx = pool.begin().await?;
+    let client = api_client::create_expiring(&mut *tx, &new.name, &key.sha256(), &new.grants, new.expires_at).await?;
+    audit_client(&mut tx, "CLIENT_CREATED", "created", &new.name).await?;
+    tx.commit().await?;
     Ok((client, key))
 }
 
@@ -71,25 +74,28 @@ pub async fn create(pool: &PgPool, new: &NewClient) -> Result<(ApiClient, Servic
 /// such (unrevoked) client.
 pub async fn rotate(pool: &PgPool, name: &str, grace: Duration) -> sqlx::Result<Option<ServiceKey>> {
     let key = ServiceKey::generate();
-    if !api_client::rotate(pool, name, &key.sha256(), grace).await? {
+    let mut tx = pool.begin().await?;
+    if !api_client::rotate(&mut *tx, name, &key.sha256(), grace).await? {
         return Ok(None);
     }
-    audit_client(pool, "CLIENT_ROTATED", "rotated", name).await?;
+    audit_client(&mut tx, "CLIENT_ROTATED", "rotated", name).await?;
+    tx.commit().await?;
     Ok(Some(key))
 }
 
 /// Revokes the client `name`: its keys stop working on every replica within milliseconds (NOTIFY).
 pub async fn revoke(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
-    let revoked = api_client::revoke(pool, name).await?;
+    let mut tx = pool.begin().await?;
+    let revoked = api_client::revoke(&mut *tx, name).await?;
     if revoked {
-        audit_client(pool, "CLIENT_REVOKED", "revoked", name).await?;
+        audit_client(&mut tx, "CLIENT_REVOKED", "revoked", name).await?;
     }
+    tx.commit().await?;
     Ok(revoked)
 }
 
-async fn audit_client(pool: &PgPool, action: &str, outcome: &str, name: &str) -> sqlx::Result<()> {
-    let mut conn = pool.acquire().await?;
-    audit::record(&mut conn, &AuditEvent { client_name: Some(name), ..AuditEvent::new(action, outcome) }).await
+async fn audit_client(conn: &mut PgConnection, action: &str, outcome: &str, name: &str) -> sqlx::Result<()> {
+    audit::record(conn, &AuditEvent { client_name: Some(name), ..AuditEvent::new(action, outcome) }).await
 }
 
 /// A duration as operators write it: `90s`, `30m`, `24h`, `7d`, or whole seconds.

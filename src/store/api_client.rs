@@ -150,7 +150,7 @@ pub async fn create(
 
 /// Creates a client whose key works until `expires_at` (for ever when `None`).
 pub async fn create_expiring(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     name: &str,
     key_sha256: &[u8; 32],
     grants: &Grants,
@@ -169,7 +169,7 @@ pub async fn create_expiring(
     .bind(&grants.providers)
     .bind(grants.admin)
     .bind(expires_at)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await
     .map_err(|error| match &error {
         sqlx::Error::Database(db) if db.constraint() == Some("api_client_active_name_key") => {
@@ -215,10 +215,10 @@ pub async fn by_name(pool: &PgPool, name: &str) -> sqlx::Result<Option<ClientVie
 }
 
 /// Revokes the client named `name`; returns whether one was revoked.
-pub async fn revoke(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
+pub async fn revoke(conn: impl sqlx::PgExecutor<'_>, name: &str) -> sqlx::Result<bool> {
     let result = sqlx::query("update api_client set revoked_at = now() where name = $1 and revoked_at is null")
         .bind(name)
-        .execute(pool)
+        .execute(conn)
         .await?;
     Ok(result.rows_affected() == 1)
 }
@@ -226,7 +226,7 @@ pub async fn revoke(pool: &PgPool, name: &str) -> sqlx::Result<bool> {
 /// Gives the client named `name` the key hashing to `key_sha256`; its current key keeps working for
 /// `grace` (a previous key still in its grace stops now). Returns whether there was such a client.
 pub async fn rotate(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     name: &str,
     key_sha256: &[u8; 32],
     grace: std::time::Duration,
@@ -239,7 +239,7 @@ pub async fn rotate(
     .bind(name)
     .bind(&key_sha256[..])
     .bind(grace.as_secs_f64())
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)
 }

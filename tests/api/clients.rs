@@ -166,6 +166,34 @@ async fn a_keys_use_is_written_down_at_most_once_a_minute_whatever_the_replicas(
 }
 
 #[tokio::test]
+async fn a_key_change_whose_audit_entry_cannot_be_written_does_not_happen() {
+    let (app, admin) = admin_app().await;
+    let created: Value =
+        create(&app, &admin, &json!({"name": "svc", "accounts": ["*"], "scopes": ["*"]})).await.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    app.install("acc-1").await;
+    // From now on the audit trail refuses every entry.
+    for statement in [
+        "create function refuse_audit() returns trigger language plpgsql as $$ begin raise exception 'no'; end $$",
+        "create trigger refuse_audit before insert on audit_event for each row execute function refuse_audit()",
+    ] {
+        sqlx::query(statement).execute(&app.pool).await.unwrap();
+    }
+    let revoked = app.http.delete(url(&app, "/v1/clients/svc")).bearer_auth(&admin).send().await.unwrap();
+    let rotated = app.http.post(url(&app, "/v1/clients/svc/rotate")).bearer_auth(&admin).send().await.unwrap();
+    let other = create(&app, &admin, &json!({"name": "other", "accounts": ["*"], "scopes": ["*"]})).await;
+    for response in [revoked, rotated, other] {
+        assert!(response.status().is_server_error(), "{}", response.status());
+    }
+    let shown: Value =
+        app.http.get(url(&app, "/v1/clients/svc")).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+    assert_eq!((&shown["status"], &shown["previous_key_expires_at"]), (&json!("active"), &Value::Null), "{shown}");
+    assert_eq!(app.token(&key, &ask()).await.status(), 200, "neither revoked nor rotated");
+    let other = app.http.get(url(&app, "/v1/clients/other")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(other.status(), 404, "not created");
+}
+
+#[tokio::test]
 async fn a_key_with_an_expiry_stops_working_then() {
     let (app, admin) = admin_app().await;
     app.install("acc-1").await;
