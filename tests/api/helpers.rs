@@ -534,9 +534,7 @@ impl TestApp {
 
     /// [`TestApp::client`] granted only the apps `apps`.
     pub async fn client_for_apps(&self, accounts: &[&str], scopes: &[&str], apps: &[&str], admin: bool) -> String {
-        let key = ServiceKey::generate();
         let to_vec = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let name = format!("client-{}", uuid::Uuid::new_v4().simple());
         let grants = api_client::Grants {
             accounts: to_vec(accounts),
             scopes: to_vec(scopes),
@@ -544,7 +542,13 @@ impl TestApp {
             providers: vec!["*".into()],
             admin,
         };
-        api_client::create(&self.pool, &name, &key.sha256(), &grants).await.unwrap();
+        self.client_named(&format!("client-{}", uuid::Uuid::new_v4().simple()), &grants).await
+    }
+
+    /// A service client named `name` with exactly `grants`; returns its key.
+    pub async fn client_named(&self, name: &str, grants: &api_client::Grants) -> String {
+        let key = ServiceKey::generate();
+        api_client::create(&self.pool, name, &key.sha256(), grants).await.unwrap();
         key.expose().to_owned()
     }
 

@@ -10,6 +10,7 @@ mod helpers;
 mod identity;
 mod observe;
 mod openapi;
+mod provider_guarantees;
 mod providers;
 mod redteam;
 mod repeat;
