@@ -119,6 +119,16 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_failing_keys_is_remembered_up_to_the_capacity_only() {
+        let backoff = Backoff::<u64>::new();
+        for key in 0..CAPACITY + 5_000 {
+            backoff.failed(&key, &unavailable(1));
+        }
+        backoff.failures.run_pending_tasks();
+        assert!(backoff.failures.entry_count() <= CAPACITY, "{} keys held", backoff.failures.entry_count());
+    }
+
+    #[test]
     fn waits_double_up_to_a_minute_and_reset_on_success() {
         let backoff = Backoff::new();
         let failed = UpstreamError::Failed { attempts: 1, reason: "HTTP 500".into() };
