@@ -18,3 +18,4 @@ mod resilience;
 mod rotation;
 mod storage;
 mod tokens;
+mod upgrade;
