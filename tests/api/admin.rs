@@ -22,13 +22,39 @@ async fn admins_list_installations_without_secrets_or_client_ids() {
 
 #[tokio::test]
 async fn admin_routes_refuse_non_admin_and_missing_keys() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(Options {
+        config_toml: "[providers.acme]\ntoken_url = \"{trackunit}/apptoken\"\n".to_owned(),
+        ..Options::default()
+    })
+    .await;
+    app.install("acc-1").await;
+    let id: uuid::Uuid = sqlx::query_scalar("select id from installation").fetch_one(&app.pool).await.unwrap();
     let plain = app.client(&["*"], &["*"], false).await;
-    let url = format!("{}/v1/installations", app.internal);
-    assert_problem(app.http.get(&url).send().await.unwrap(), 401, "unauthenticated").await;
-    assert_problem(app.http.get(&url).bearer_auth(&plain).send().await.unwrap(), 403, "forbidden").await;
-    let delete = format!("{url}/{}", uuid::Uuid::new_v4());
-    assert_problem(app.http.delete(&delete).bearer_auth(&plain).send().await.unwrap(), 403, "forbidden").await;
+    let credentials = "/v1/providers/acme/accounts/acc-1/credentials";
+    let (installation, reactivate) = (format!("/v1/installations/{id}"), format!("/v1/installations/{id}/reactivate"));
+    let routes = [
+        ("GET", "/v1/installations"),
+        ("DELETE", installation.as_str()),
+        ("POST", reactivate.as_str()),
+        ("GET", "/v1/providers"),
+        ("PUT", credentials),
+        ("DELETE", credentials),
+    ];
+    for (method, path) in routes {
+        let request = || {
+            let body = serde_json::json!({"client_id": "id", "client_secret": "secret"});
+            app.http.request(method.parse().unwrap(), format!("{}{path}", app.internal)).json(&body)
+        };
+        assert_problem(request().send().await.unwrap(), 401, "unauthenticated").await;
+        assert_problem(request().bearer_auth(&plain).send().await.unwrap(), 403, "forbidden").await;
+    }
+    // Refused before anything was done: the installation is untouched and nothing was registered.
+    assert_eq!(app.status_of("acc-1").await, "active");
+    let registered: i64 = sqlx::query_scalar("select count(*) from installation where provider = 'acme'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(registered, 0);
 }
 
 #[tokio::test]
