@@ -742,6 +742,23 @@ async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
     assert!(lines <= 5 * seconds, "at most 5 lines a second: {lines} in {seconds} s");
     assert_eq!(lines + suppressed, 60, "every refusal logged or counted");
     assert!(log.contains("identity tokens are bound to nothing but Trackunit's signature"), "the start-up warning");
+    assert!(!log.contains("INSECURE_ALLOW_HTTP_UPSTREAMS is on"), "no plain-http warning while it is off");
+}
+
+#[tokio::test]
+async fn serve_warns_at_start_while_plain_http_upstreams_are_allowed() {
+    let app = spawn_app().await;
+    let log_path = std::env::temp_dir().join(format!("tokenvault-insecure-{}.log", uuid::Uuid::new_v4().simple()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let allow = [("TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS", "true"), ("TOKENVAULT_LOG_FORMAT", "json")];
+    let (mut child, _, _) = serve_with(&app, &app.database_url, log, &allow).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let warning = log.lines().find(|line| line.contains("TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS is on"));
+    let warning: serde_json::Value = serde_json::from_str(warning.expect("the start-up warning")).unwrap();
+    assert_eq!(warning["level"], "WARN");
 }
 
 #[tokio::test]
@@ -886,6 +903,32 @@ async fn the_sandbox_refuses_unknown_clients_and_fails_on_demand() {
         }
     }
     let _ = sandbox.0.kill();
+}
+
+#[tokio::test]
+async fn sandbox_install_and_uninstall_deliver_signed_callbacks_that_serve_accepts() {
+    let app = spawn_app().await;
+    let port = free_port();
+    let _sandbox = Served(
+        tokenvault().args(["sandbox", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).spawn().unwrap(),
+    );
+    let sandbox = format!("http://127.0.0.1:{port}");
+    eventually(|| app.http.get(format!("{sandbox}/jwks")).send(), |r| r.as_ref().is_ok_and(|r| r.status() == 200))
+        .await;
+    let (jwks, token_url) = (format!("{sandbox}/jwks"), format!("{sandbox}/apptoken"));
+    let at_sandbox =
+        [("TOKENVAULT_TRACKUNIT_JWKS_URL", jwks.as_str()), ("TOKENVAULT_TRACKUNIT_TOKEN_URL", token_url.as_str())];
+    let (_served, public, _) = serve_with(&app, &app.database_url, Stdio::null(), &at_sandbox).await;
+    let deliver = |action: &str| {
+        let url = format!("http://127.0.0.1:{public}");
+        run(tokenvault().args(["sandbox", action, "--url", &url, "--account", "acc-9", "--sandbox", &sandbox]))
+    };
+    let installed = deliver("install");
+    assert!(installed.status.success(), "{}", text(&installed.stderr));
+    assert_eq!(app.status_of("acc-9").await, "active");
+    let uninstalled = deliver("uninstall");
+    assert!(uninstalled.status.success(), "{}", text(&uninstalled.stderr));
+    assert_eq!(app.status_of("acc-9").await, "uninstalled");
 }
 
 #[tokio::test]
