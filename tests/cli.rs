@@ -913,8 +913,9 @@ async fn sandbox_install_and_uninstall_deliver_signed_callbacks_that_serve_accep
         tokenvault().args(["sandbox", "--listen", &format!("127.0.0.1:{port}")]).stdout(Stdio::null()).spawn().unwrap(),
     );
     let sandbox = format!("http://127.0.0.1:{port}");
-    eventually(|| app.http.get(format!("{sandbox}/jwks")).send(), |r| r.as_ref().is_ok_and(|r| r.status() == 200))
-        .await;
+    let up =
+        eventually(|| app.http.get(format!("{sandbox}/jwks")).send(), |r| r.as_ref().is_ok_and(|r| r.status() == 200));
+    assert_eq!(up.await.unwrap().status(), 200, "the sandbox is up");
     let (jwks, token_url) = (format!("{sandbox}/jwks"), format!("{sandbox}/apptoken"));
     let at_sandbox =
         [("TOKENVAULT_TRACKUNIT_JWKS_URL", jwks.as_str()), ("TOKENVAULT_TRACKUNIT_TOKEN_URL", token_url.as_str())];
