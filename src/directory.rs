@@ -237,13 +237,15 @@ impl Directory {
         }
     }
 
-    async fn audit_expired_keys(&self) -> sqlx::Result<()> {
-        for (_, name) in api_client::newly_expired(&self.pool).await? {
-            let mut conn = self.pool.acquire().await?;
+    /// Audits each key that expired since the last time (every minute): an expiry is not a write, so it
+    /// is noticed here. Each is marked audited in the transaction that writes its entry.
+    pub async fn audit_expired_keys(&self) -> sqlx::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (_, name) in api_client::newly_expired(&mut *tx).await? {
             let event = AuditEvent { client_name: Some(&name), ..AuditEvent::new("CLIENT_KEY_EXPIRED", "expired") };
-            audit::record(&mut conn, &event).await?;
+            audit::record(&mut tx, &event).await?;
         }
-        Ok(())
+        tx.commit().await
     }
 
     /// The cached installations of `account_id`, without touching the database (the hot path).

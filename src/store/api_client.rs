@@ -260,13 +260,13 @@ pub async fn record_usage(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
 }
 
 /// The names of clients whose keys expired since last asked (each is answered once).
-pub async fn newly_expired(pool: &PgPool) -> sqlx::Result<Vec<(Uuid, String)>> {
+pub async fn newly_expired(conn: impl sqlx::PgExecutor<'_>) -> sqlx::Result<Vec<(Uuid, String)>> {
     sqlx::query_as(
         "update api_client set expiry_audited = true
          where expires_at <= now() and revoked_at is null and not expiry_audited
          returning id, name",
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
 }
 

@@ -194,6 +194,67 @@ async fn a_key_change_whose_audit_entry_cannot_be_written_does_not_happen() {
 }
 
 #[tokio::test]
+async fn every_change_of_who_can_get_what_leaves_one_audit_entry_without_a_secret() {
+    let config_toml = "[providers.acme]\ntoken_url = \"{trackunit}/apptoken\"\n".to_owned();
+    let app = spawn_app_with(Options { config_toml, ..Options::default() }).await;
+    let admin = app.client(&[], &[], true).await;
+    let credentials_url = url(&app, "/v1/providers/acme/accounts/acc-2/credentials");
+    let secrets: Vec<String> = (0..2).map(|_| credentials().client_secret).collect();
+    for secret in &secrets {
+        let body = json!({"client_id": "acme-client", "client_secret": secret});
+        let put = app.http.put(&credentials_url).bearer_auth(&admin).json(&body).send().await.unwrap();
+        assert!(put.status().is_success(), "{}", put.status());
+    }
+    assert_eq!(app.http.delete(&credentials_url).bearer_auth(&admin).send().await.unwrap().status(), 204);
+    create(&app, &admin, &json!({"name": "svc", "accounts": ["*"], "scopes": ["*"]})).await;
+    let rotate = app.http.post(url(&app, "/v1/clients/svc/rotate")).bearer_auth(&admin).send().await.unwrap();
+    assert_eq!(rotate.status(), 200);
+    assert_eq!(app.http.delete(url(&app, "/v1/clients/svc")).bearer_auth(&admin).send().await.unwrap().status(), 204);
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339();
+    create(&app, &admin, &json!({"name": "temp", "accounts": ["*"], "scopes": ["*"], "expires_at": soon})).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // What every replica's minute task does; twice, as two replicas would: the expiry is audited once.
+    let directory = tokenvault::directory::Directory::new(app.pool.clone());
+    directory.audit_expired_keys().await.unwrap();
+    directory.audit_expired_keys().await.unwrap();
+    let ring = tokenvault::crypto::KeyRing::parse(&format!(
+        "next:{},{}",
+        tokenvault::crypto::generate_key(),
+        app.encryption_keys
+    ))
+    .unwrap();
+    tokenvault::rotation::rotate(&app.pool, &ring, 10, |_, _| {}).await.unwrap();
+
+    let audit = app.http.get(url(&app, "/v1/audit?limit=100")).bearer_auth(&admin).send().await.unwrap();
+    let audit: Value = audit.json().await.unwrap();
+    let mut actions: Vec<(String, String)> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let target = e["client_name"].as_str().or(e["account_id"].as_str()).unwrap_or("-");
+            (e["action"].as_str().unwrap().to_owned(), target.to_owned())
+        })
+        .collect();
+    actions.reverse();
+    let expected = [
+        ("CREDENTIALS_REGISTERED", "acc-2"),
+        ("CREDENTIALS_REPLACED", "acc-2"),
+        ("CREDENTIALS_DELETED", "acc-2"),
+        ("CLIENT_CREATED", "svc"),
+        ("CLIENT_ROTATED", "svc"),
+        ("CLIENT_REVOKED", "svc"),
+        ("CLIENT_CREATED", "temp"),
+        ("CLIENT_KEY_EXPIRED", "temp"),
+        ("ENCRYPTION_KEYS_ROTATED", "-"),
+    ]
+    .map(|(action, target)| (action.to_owned(), target.to_owned()));
+    assert_eq!(actions, expected, "oldest first here");
+    let text = audit.to_string();
+    assert!(secrets.iter().all(|secret| !text.contains(secret.as_str())), "no secret in the trail");
+}
+
+#[tokio::test]
 async fn a_key_with_an_expiry_stops_working_then() {
     let (app, admin) = admin_app().await;
     app.install("acc-1").await;
