@@ -39,8 +39,9 @@ pub struct Directory {
     generation: AtomicU64,
     /// The digests of every unrevoked client, loaded whole, so a key that matches none is refused from
     /// memory: a flood of random keys must not cost a query each. Loaded by the first unknown key; a client
-    /// change adds its digest and a flush (the change listener was lost) marks it stale, to be reloaded:
-    /// see [`Directory::known_digests`]. Clients are few, so the set is small.
+    /// change adds its digest, and it, a flush (the change listener was lost) or a change that overtook the
+    /// load marks the set stale, to be reloaded: see [`Directory::known_digests`]. Clients are few, so the
+    /// set is small.
     known_digests: RwLock<Option<KnownSet>>,
     /// Held while the set loads, so concurrent unknown keys share one load.
     loading_known: tokio::sync::Mutex<()>,
