@@ -1038,20 +1038,36 @@ async fn with_an_otlp_endpoint_request_spans_are_exported_in_the_callers_trace_a
     assert_eq!(response.status(), 200);
     let token = response.json::<serde_json::Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
 
-    let mut exported = String::new();
-    for _ in 0..100 {
+    // Spans are exported in batches as they end: the upstream call's may come before the request's.
+    let exported_batches = || async {
         let requests = collector.received_requests().await.unwrap_or_default();
-        exported = requests.iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
-        if exported.contains(trace_id) {
+        requests.iter().map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()).collect::<Vec<_>>()
+    };
+    let spans_of = |batches: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        batches
+            .iter()
+            .flat_map(|batch| batch["resourceSpans"].as_array().cloned().unwrap_or_default())
+            .flat_map(|resource| resource["scopeSpans"].as_array().cloned().unwrap_or_default())
+            .flat_map(|scope| scope["spans"].as_array().cloned().unwrap_or_default())
+            .collect()
+    };
+    // The request's root span is the child of the caller's span.
+    let is_root = |span: &serde_json::Value| span["traceId"] == trace_id && span["parentSpanId"] == "00f067aa0ba902b7";
+    let mut batches = Vec::new();
+    for _ in 0..100 {
+        batches = exported_batches().await;
+        if spans_of(&batches).iter().any(is_root) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(exported.contains(trace_id), "no span of the caller's trace was exported: {exported}");
-    let requests = collector.received_requests().await.unwrap();
-    let batch = requests.iter().find(|r| text(&r.body).contains(trace_id)).unwrap();
-    let spans: serde_json::Value = serde_json::from_slice(&batch.body).unwrap();
-    let resource = &spans["resourceSpans"][0]["resource"]["attributes"];
+    let exported: String = batches.iter().map(|batch| batch.to_string()).collect();
+    let spans = spans_of(&batches);
+    let span = spans
+        .iter()
+        .find(|span| is_root(span))
+        .unwrap_or_else(|| panic!("no span is the child of the caller's: {exported}"));
+    let resource = &batches[0]["resourceSpans"][0]["resource"]["attributes"];
     assert!(
         resource
             .as_array()
@@ -1060,18 +1076,10 @@ async fn with_an_otlp_endpoint_request_spans_are_exported_in_the_callers_trace_a
             .any(|a| a["key"] == "service.name" && a["value"]["stringValue"] == "tokenvault"),
         "{resource}"
     );
-    // The request's root span is the child of the caller's span; the upstream call is inside it.
-    let every_span: Vec<&serde_json::Value> = spans["resourceSpans"][0]["scopeSpans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|scope| scope["spans"].as_array().unwrap())
-        .collect();
-    let span = every_span
-        .iter()
-        .find(|span| span["traceId"] == trace_id && span["parentSpanId"] == "00f067aa0ba902b7")
-        .unwrap_or_else(|| panic!("no span is the child of the caller's: {spans}"));
     assert_eq!(span["name"], "POST /v1/tokens", "{span}");
+    // The upstream call is in the caller's trace too; it ended, and was exported, before the request's span.
+    let mint = spans.iter().find(|s| s["name"] == "mint").unwrap_or_else(|| panic!("no upstream call: {exported}"));
+    assert_eq!(mint["traceId"], trace_id, "{mint}");
     for secret in [&key, &token, &credentials.client_secret] {
         assert!(!exported.contains(secret), "an exported span holds a secret");
     }
