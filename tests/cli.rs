@@ -475,16 +475,10 @@ async fn postgres_restarted_under_load_cached_tokens_keep_flowing_and_callbacks_
     let body = json!({"account_id": "acc-1", "scopes": ["a"]});
     let ask_with = |key: String| app.http.post(&token_url).bearer_auth(key).json(&body).send();
     // Every NOTIFY of the set-up must have reached tokenvault before the outage: one arriving late would
-    // drop a cached entry that the outage then cannot reload. They arrive in commit order, so once a
-    // sentinel key revoked last is refused, every earlier one has been applied.
-    let sentinel = tokenvault::domain::ServiceKey::generate();
-    tokenvault::store::api_client::create(&pool, "sentinel", &sentinel.sha256(), &grants).await.unwrap();
-    let is = |status: u16| move |r: &reqwest::Result<reqwest::Response>| r.as_ref().is_ok_and(|r| r.status() == status);
-    eventually(|| ask_with(sentinel.expose().to_owned()), is(200)).await.unwrap();
-    sqlx::query("update api_client set revoked_at = now() where name = 'sentinel'").execute(&pool).await.unwrap();
-    let refused = eventually(|| ask_with(sentinel.expose().to_owned()), is(401)).await.unwrap();
-    assert_eq!(refused.status(), 401, "the set-up's notifications have all arrived");
+    // drop a cached entry that the outage then cannot reload.
+    notifications_arrived(&app.http, &pool, &format!("http://127.0.0.1:{internal}")).await;
     pool.close().await;
+    let is = |status: u16| move |r: &reqwest::Result<reqwest::Response>| r.as_ref().is_ok_and(|r| r.status() == status);
     let first = eventually(|| ask_with(key.expose().to_owned()), is(200)).await.unwrap();
     assert_eq!(first.status(), 200);
 

@@ -552,6 +552,11 @@ impl TestApp {
         key.expose().to_owned()
     }
 
+    /// [`notifications_arrived`] for this app.
+    pub async fn notifications_arrived(&self) {
+        notifications_arrived(&self.http, &self.pool, &self.internal).await;
+    }
+
     pub async fn token(&self, key: &str, body: &Value) -> reqwest::Response {
         self.token_at(&self.internal, key, body).await
     }
@@ -698,6 +703,30 @@ pub async fn proxied(database_url: &str) -> (Arc<DatabaseProxy>, String) {
     through.set_host(Some("127.0.0.1")).unwrap();
     through.set_port(Some(proxy.port)).unwrap();
     (proxy, through.to_string())
+}
+
+/// Waits until every change notification committed so far on `pool` has reached the app serving
+/// `internal` (its internal listener's base URL). Notifications arrive in commit order, so once a sentinel
+/// admin key revoked last is refused, every earlier one has been applied: a test that then warms the
+/// caches knows no late notification will drop an entry (which matters when the database goes down next).
+pub async fn notifications_arrived(http: &reqwest::Client, pool: &PgPool, internal: &str) {
+    let name = format!("sentinel-{}", uuid::Uuid::new_v4().simple());
+    let key = ServiceKey::generate();
+    let grants = api_client::Grants {
+        accounts: vec![],
+        scopes: vec![],
+        apps: vec!["*".into()],
+        providers: vec!["*".into()],
+        admin: true,
+    };
+    api_client::create(pool, &name, &key.sha256(), &grants).await.unwrap();
+    let status = || async {
+        let url = format!("{internal}/v1/installations");
+        http.get(url).bearer_auth(key.expose()).send().await.map_or(0, |r| r.status().as_u16())
+    };
+    assert_eq!(eventually(status, |s| *s == 200).await, 200, "the sentinel key works");
+    sqlx::query("update api_client set revoked_at = now() where name = $1").bind(&name).execute(pool).await.unwrap();
+    assert_eq!(eventually(status, |s| *s == 401).await, 401, "the notifications committed so far have arrived");
 }
 
 /// Repeats `attempt` until `done` holds for its result, for at most 2 s (changes made outside the process

@@ -178,8 +178,8 @@ async fn with_the_database_down_cached_tokens_keep_being_served_and_callbacks_re
     let body = json!({"account_id": "acc-1", "scopes": ["a"]});
     let (_, _, before) = timed(&app, &key, &body).await;
     // The NOTIFYs of the install and the key creation may land after that first request warmed the
-    // caches, and evict them; let them drain, then warm again.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // caches, and evict them: wait for them, then warm again.
+    app.notifications_arrived().await;
     assert_eq!(timed(&app, &key, &body).await.0, 200);
 
     let proxy = app.proxy.clone().unwrap();
