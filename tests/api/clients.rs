@@ -276,14 +276,7 @@ async fn the_audit_trail_names_actor_action_target_outcome_and_request_newest_fi
     let config_toml = "[providers.acme]\ntoken_url = \"{trackunit}/apptoken\"\n".to_owned();
     let app = spawn_app_with(Options { config_toml, ..Options::default() }).await;
     let admin_name = "ops";
-    let grants = tokenvault::store::api_client::Grants {
-        accounts: vec![],
-        scopes: vec![],
-        apps: vec!["*".into()],
-        providers: vec!["*".into()],
-        admin: true,
-    };
-    let admin = app.client_named(admin_name, &grants).await;
+    let admin = app.client_named(admin_name, &admin_grants()).await;
     app.install("acc-1").await;
     let credentials = credentials();
     let put = app

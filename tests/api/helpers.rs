@@ -705,6 +705,17 @@ pub async fn proxied(database_url: &str) -> (Arc<DatabaseProxy>, String) {
     (proxy, through.to_string())
 }
 
+/// The grants of an admin key: every app and provider, no account or scope of its own.
+pub fn admin_grants() -> api_client::Grants {
+    api_client::Grants {
+        accounts: vec![],
+        scopes: vec![],
+        apps: vec!["*".into()],
+        providers: vec!["*".into()],
+        admin: true,
+    }
+}
+
 /// Waits until every change notification committed so far on `pool` has reached the app serving
 /// `internal` (its internal listener's base URL). Notifications arrive in commit order, so once a sentinel
 /// admin key revoked last is refused, every earlier one has been applied: a test that then warms the
@@ -712,14 +723,7 @@ pub async fn proxied(database_url: &str) -> (Arc<DatabaseProxy>, String) {
 pub async fn notifications_arrived(http: &reqwest::Client, pool: &PgPool, internal: &str) {
     let name = format!("sentinel-{}", uuid::Uuid::new_v4().simple());
     let key = ServiceKey::generate();
-    let grants = api_client::Grants {
-        accounts: vec![],
-        scopes: vec![],
-        apps: vec!["*".into()],
-        providers: vec!["*".into()],
-        admin: true,
-    };
-    api_client::create(pool, &name, &key.sha256(), &grants).await.unwrap();
+    api_client::create(pool, &name, &key.sha256(), &admin_grants()).await.unwrap();
     let status = || async {
         let url = format!("{internal}/v1/installations");
         http.get(url).bearer_auth(key.expose()).send().await.map_or(0, |r| r.status().as_u16())

@@ -154,14 +154,7 @@ async fn a_database_from_before_providers_keeps_its_credentials_cached_tokens_an
     // 4. The current release's migrations, as `tokenvault migrate` runs them.
     tokenvault::store::migrate(&pool).await.expect("the old database migrates");
     let admin = ServiceKey::generate();
-    let grants = api_client::Grants {
-        accounts: vec![],
-        scopes: vec![],
-        apps: vec!["*".into()],
-        providers: vec!["*".into()],
-        admin: true,
-    };
-    api_client::create(&pool, "admin", &admin.sha256(), &grants).await.unwrap();
+    api_client::create(&pool, "admin", &admin.sha256(), &admin_grants()).await.unwrap();
 
     // 5. The current app over the upgraded database, with the same encryption keys and fake Trackunit.
     let upgraded = app.replica(&[("DATABASE_URL", old.url.as_str())]).await.expect("the app starts on it");
