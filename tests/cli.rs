@@ -624,9 +624,9 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
     app.install("acc-1").await;
     let key = app.client(&["*"], &["*"], false).await;
     app.upstream.set(vec![Upstream::Mint { expires_in: 6 }]);
-    let log_path = std::env::temp_dir().join(format!("tokenvault-degraded-{}.log", uuid::Uuid::new_v4().simple()));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let (mut child, _, internal) = serve_with(&app, &app.database_url, log, &[("TOKENVAULT_LOG_FORMAT", "json")]).await;
+    let log = LogFile::new("degraded");
+    let json = [("TOKENVAULT_LOG_FORMAT", "json")];
+    let (mut child, _, internal) = serve_with(&app, &app.database_url, log.writer(), &json).await;
     let base = format!("http://127.0.0.1:{internal}");
     let ask = |min_ttl: u64| {
         let body = json!({"account_id": "acc-1", "scopes": ["a"], "min_ttl_seconds": min_ttl});
@@ -649,10 +649,7 @@ async fn a_token_served_while_the_upstream_fails_is_counted_and_logged() {
     assert_eq!(degraded().await, 1);
     let _ = child.kill();
     let _ = child.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let _ = std::fs::remove_file(&log_path);
-    let warning = log.lines().find(|line| line.contains("serving a still-valid token while the upstream fails"));
-    let warning: serde_json::Value = serde_json::from_str(warning.expect("a warning in the log")).unwrap();
+    let warning = log.json_line("serving a still-valid token while the upstream fails");
     assert_eq!(warning["level"], "WARN");
     // On the internal listener too (no request span there at INFO), the line names its request.
     assert_eq!(warning["request_id"], "degraded-1", "{warning}");
@@ -725,9 +722,8 @@ fn an_unknown_key_in_the_config_file_stops_serve_naming_the_key() {
 #[tokio::test]
 async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
     let app = spawn_app().await;
-    let log_path = std::env::temp_dir().join(format!("tokenvault-refused-{}.log", uuid::Uuid::new_v4().simple()));
-    let (mut child, public, internal) =
-        serve_logging_to(&app, &app.database_url, std::fs::File::create(&log_path).unwrap()).await;
+    let log_file = LogFile::new("refused");
+    let (mut child, public, internal) = serve_logging_to(&app, &app.database_url, log_file.writer()).await;
     let url = format!("http://127.0.0.1:{public}/callbacks/trackunit");
     let started = chrono::Utc::now().timestamp();
     for _ in 0..60 {
@@ -739,8 +735,7 @@ async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
     let suppressed = counter(&app, internal, "tokenvault_log_lines_suppressed_total{event=\"callback_refused\"}").await;
     let _ = child.kill();
     let _ = child.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let _ = std::fs::remove_file(&log_path);
+    let log = log_file.text();
     let lines = log.lines().filter(|line| line.contains("callback refused")).count() as u64;
     assert!(lines <= 5 * seconds, "at most 5 lines a second: {lines} in {seconds} s");
     assert_eq!(lines + suppressed, 60, "every refusal logged or counted");
@@ -751,17 +746,12 @@ async fn refused_callbacks_log_a_few_lines_a_second_and_count_the_rest() {
 #[tokio::test]
 async fn serve_warns_at_start_while_plain_http_upstreams_are_allowed() {
     let app = spawn_app().await;
-    let log_path = std::env::temp_dir().join(format!("tokenvault-insecure-{}.log", uuid::Uuid::new_v4().simple()));
-    let log = std::fs::File::create(&log_path).unwrap();
+    let log = LogFile::new("insecure");
     let allow = [("TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS", "true"), ("TOKENVAULT_LOG_FORMAT", "json")];
-    let (mut child, _, _) = serve_with(&app, &app.database_url, log, &allow).await;
+    let (mut child, _, _) = serve_with(&app, &app.database_url, log.writer(), &allow).await;
     let _ = child.kill();
     let _ = child.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    let _ = std::fs::remove_file(&log_path);
-    let warning = log.lines().find(|line| line.contains("TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS is on"));
-    let warning: serde_json::Value = serde_json::from_str(warning.expect("the start-up warning")).unwrap();
-    assert_eq!(warning["level"], "WARN");
+    assert_eq!(log.json_line("TOKENVAULT_INSECURE_ALLOW_HTTP_UPSTREAMS is on")["level"], "WARN");
 }
 
 #[tokio::test]

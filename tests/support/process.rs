@@ -87,3 +87,35 @@ pub async fn serve_with(
     let _ = child.wait();
     panic!("serve did not become ready");
 }
+
+/// A log file for a served process, in the temporary directory, removed when dropped.
+pub struct LogFile(std::path::PathBuf);
+
+impl LogFile {
+    pub fn new(label: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("tokenvault-{label}-{}.log", uuid::Uuid::new_v4().simple())))
+    }
+
+    /// A new, empty file to hand the process as its stderr.
+    pub fn writer(&self) -> std::fs::File {
+        std::fs::File::create(&self.0).unwrap()
+    }
+
+    /// What was written so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap()
+    }
+
+    /// The first JSON log line whose text contains `needle`.
+    pub fn json_line(&self, needle: &str) -> serde_json::Value {
+        let text = self.text();
+        let line = text.lines().find(|line| line.contains(needle));
+        serde_json::from_str(line.unwrap_or_else(|| panic!("no log line with {needle:?}:\n{text}"))).unwrap()
+    }
+}
+
+impl Drop for LogFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
